@@ -1,0 +1,5 @@
+"""`python -m dbguard` runs the command line."""
+
+from dbguard.cli import run
+
+run()

@@ -1,0 +1,224 @@
+"""The lease broker: a ZeroMQ server in front of the lease table and its durable store.
+
+One thread, one ROUTER socket. Each turn of the loop drains every request that has arrived,
+applies them all to the table, commits the changed records in one LMDB transaction with at most
+one fdatasync, and only then sends the replies. Concurrent clients therefore share a disk sync
+(group commit), and no grant is ever answered before it is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from dbguard import protocol
+from dbguard.errors import GuardError
+from dbguard.lease_store import LeaseStore, LmdbLeaseStore
+from dbguard.leases import Decision, Holder, LeaseState, LeaseTable, Timing
+from dbguard.protocol import ErrorKind, Op, ProtocolError
+
+log = logging.getLogger("dbguard.broker")
+
+# Requests handled per turn before replies go out: bounds the latency one burst can add.
+_BATCH = 512
+# How long the reply to a request id is kept for a client that resends it after a lost reply.
+_REPLY_CACHE_SIZE = 100_000
+
+
+class Broker:
+    """Serve leases on ``address`` from the table kept in ``store``."""
+
+    def __init__(self, address: str, store: LeaseStore, timing: Timing) -> None:
+        self.address = address
+        self.store = store
+        self.timing = timing
+        self.table = LeaseTable(timing)
+        records = store.load()
+        started = time.monotonic()
+        self.table.load(records, started)
+        live = any(r["state"] in (LeaseState.HELD, LeaseState.LOCK_DELAY) for r in records)
+        if not live:
+            # Nobody can be renewing a lease from an earlier run, so there is nothing to protect.
+            self.table.grace_until = started
+        self._replies: OrderedDict[str, bytes] = OrderedDict()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        # A client that vanished must not make the broker block or buffer without bound.
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 10_000)
+        self._socket.bind(address)
+        self.bound_address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        log.info(
+            "broker %s listening on %s with %d projects (ttl %.1fs, grace %.1fs left)",
+            store.identity,
+            self.bound_address,
+            len(records),
+            timing.ttl,
+            self.table.grace_until - started,
+        )
+
+    # ------------------------------------------------------------------ loop
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    continue
+                self._serve_batch()
+        finally:
+            self._persist()
+            self._socket.close()
+            self.store.close()
+
+    def _serve_batch(self) -> None:
+        outgoing: list[list[bytes]] = []
+        for _ in range(_BATCH):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # ROUTER prepends the peer identity; a REQ peer adds an empty delimiter, kept as is.
+            if len(frames) < 2:
+                continue
+            envelope, payload = frames[:-1], frames[-1]
+            outgoing.append([*envelope, self._answer(payload)])
+        self._persist()
+        for frames in outgoing:
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # the peer is gone or not reading; it will retry
+                log.debug("reply dropped: %s", exc)
+
+    def _persist(self) -> None:
+        records, must_sync = self.table.take_changes()
+        # A failure here is not caught: the table in memory is ahead of the disk, and the only
+        # safe way on is to stop and let a restart reload what is durable.
+        self.store.save(records, sync=must_sync)
+
+    # -------------------------------------------------------------- requests
+
+    def _answer(self, payload: bytes) -> bytes:
+        try:
+            request = protocol.decode_request(payload)
+        except ProtocolError as exc:
+            req_id = _loose_id(payload)
+            return protocol.encode(protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, str(exc)))
+        cached = self._replies.get(request["id"])
+        if cached is not None:
+            return cached
+        try:
+            reply = self._dispatch(request)
+        except GuardError as exc:
+            reply = protocol.reply_error(request["id"], ErrorKind.BAD_REQUEST, str(exc))
+        except Exception:  # the broker never dies of one request
+            log.exception("request %s failed", request.get("op"))
+            reply = protocol.reply_error(
+                request["id"], ErrorKind.INTERNAL, "the broker failed on this request; see its log"
+            )
+        encoded = protocol.encode(reply)
+        self._replies[request["id"]] = encoded
+        if len(self._replies) > _REPLY_CACHE_SIZE:
+            self._replies.popitem(last=False)
+        return encoded
+
+    def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        op, req_id = request["op"], request["id"]
+        now, wall = time.monotonic(), time.time()
+        table = self.table
+        if op == Op.HELLO:
+            return protocol.reply_ok(
+                req_id,
+                broker=self.store.identity,
+                ttl=self.timing.ttl,
+                lock_delay=self.timing.lock_delay,
+                grace_left=max(0.0, table.grace_until - now),
+                version=protocol.VERSION,
+            )
+        if op == Op.STATUS:
+            if "project" in request:
+                return protocol.reply_ok(req_id, projects=[table.status(request["project"], now, wall)])
+            return protocol.reply_ok(
+                req_id, projects=[table.status(p, now, wall) for p in table.known_projects()]
+            )
+        if op == Op.BREAK:
+            if not request["force"]:
+                return protocol.reply_error(req_id, ErrorKind.USAGE, "break needs force=true")
+            decision = table.break_lease(request["project"], now, wall)
+            if decision.fields["broken"]:
+                log.warning(
+                    "lease of %s broken by operator: %s", request["project"], decision.fields["broken"]
+                )
+            return protocol.reply_ok(req_id, **decision.fields)
+        holder = Holder.from_json(request["holder"])
+        if op == Op.ACQUIRE:
+            decision = table.acquire(
+                request["project"],
+                holder,
+                now,
+                wall,
+                mode=request.get("mode", "write"),
+                wait=request.get("wait", False),
+                takeover=request.get("takeover", False),
+                floor=request.get("floor", 0),
+                unflushed=request.get("unflushed", 0),
+            )
+            return _reply_for(req_id, decision)
+        if op == Op.RENEW:
+            return protocol.reply_ok(req_id, results=table.renew(holder, request["leases"], now, wall))
+        if op == Op.RELEASE:
+            decision = table.release(
+                request["project"], holder, request.get("token"), now, wall, mode=request.get("mode", "write")
+            )
+            return protocol.reply_ok(req_id, **decision.fields)
+        if op == Op.LEAVE_QUEUE:
+            return protocol.reply_ok(
+                req_id, **table.leave_queue(request["project"], holder, now, wall).fields
+            )
+        return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"unknown operation {op!r}")
+
+
+def _reply_for(req_id: str, decision: Decision) -> dict[str, Any]:
+    if decision.kind in ("granted", "queued"):
+        return protocol.reply_ok(req_id, status=decision.kind, **decision.fields)
+    if decision.kind == "grace":
+        return protocol.reply_error(
+            req_id,
+            ErrorKind.GRACE,
+            "the broker restarted recently and grants no new writer yet",
+            **decision.fields,
+        )
+    return protocol.reply_error(req_id, ErrorKind.HELD, "the project is held", **decision.fields)
+
+
+def _loose_id(payload: bytes) -> str:
+    """The id of a request that failed validation, if one can be read, so the client can match it."""
+    try:
+        value = protocol.decode(payload).get("id")
+    except ProtocolError:
+        return ""
+    return value if isinstance(value, str) and len(value) <= 64 else ""
+
+
+def run(address: str, state_dir: Path, timing: Timing, *, ready_file: Path | None = None) -> None:
+    """Run a broker in this process until SIGTERM or SIGINT."""
+    broker = Broker(address, LmdbLeaseStore(state_dir), timing)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: broker.stop())
+    if ready_file is not None:
+        ready_file.write_text(broker.bound_address + "\n")
+    broker.serve_forever()

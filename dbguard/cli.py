@@ -1,0 +1,394 @@
+"""The `dbguard` command: parse, call the library, turn a GuardError into a message and exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from dbguard import api, local_agent
+from dbguard.client import Client
+from dbguard.errors import BrokerUnavailable, ExitCode, GuardError, UsageError
+from dbguard.leases import Timing
+from dbguard.protocol import AgentOp, Op
+from dbguard.settings import Settings, load
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _common(func: F) -> F:
+    """Options every command shares; they override environment and config files."""
+
+    @click.option("--broker", help="Broker address, tcp://host:port (env DBGUARD_BROKER).")
+    @click.option("--cache", type=click.Path(path_type=Path), help="Cache directory (env DBGUARD_CACHE).")
+    @click.option("--ttl", type=float, help="Lease TTL in seconds (env DBGUARD_TTL).")
+    @functools.wraps(func)
+    def wrapper(broker: str | None, cache: Path | None, ttl: float | None, **kwargs: Any) -> Any:
+        settings = load({"broker": broker, "cache": cache, "ttl": ttl})
+        return func(settings=settings, **kwargs)
+
+    return wrapper  # type: ignore[return-value]  # click's decorators erase the signature
+
+
+def _json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(func)
+
+
+def _emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+class _Group(click.Group):
+    """Turns every GuardError into its message on stderr and its documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GuardError as exc:
+            click.echo(f"dbguard: {exc}", err=True)
+            sys.exit(int(exc.exit_code))
+        except KeyboardInterrupt:
+            click.echo("dbguard: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dbguard")
+def main() -> None:
+    """Keep one writer host per project on a shared filesystem.
+
+    \b
+    Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 held by another host,
+    4 broker or agent unreachable, 5 unsafe cache location, 6 integrity error.
+    """
+
+
+# ---------------------------------------------------------------- servers
+
+
+@main.command()
+@click.option("--address", help="Where to listen, tcp://host:port (default: the configured broker address).")
+@click.option("--state", type=click.Path(path_type=Path), help="State directory (env DBGUARD_STATE).")
+@click.option("--ttl", type=float, help="Lease TTL in seconds (env DBGUARD_TTL).")
+@click.option("--lock-delay", type=float, help="Seconds a cleanly expired lease stays blocked.")
+@click.option("--grace", type=float, help="Seconds after a restart with no new writers (at least one TTL).")
+@click.option("--ready-file", type=click.Path(path_type=Path), hidden=True)
+def broker(
+    address: str | None,
+    state: Path | None,
+    ttl: float | None,
+    lock_delay: float | None,
+    grace: float | None,
+    ready_file: Path | None,
+) -> None:
+    """Run the lease broker in the foreground."""
+    from dbguard import broker as broker_module
+
+    settings = load({"broker": address, "state": state, "ttl": ttl, "lock_delay": lock_delay, "grace": grace})
+    _log_to_stderr()
+    timing = Timing(settings.ttl, settings.lock_delay, settings.effective_grace)
+    broker_module.run(_bind_address(settings.broker), settings.state, timing, ready_file=ready_file)
+
+
+def _bind_address(address: str) -> str:
+    if not address.startswith("tcp://"):
+        raise UsageError(f"the broker listens on tcp://host:port addresses, not {address}")
+    return address
+
+
+@main.command()
+@_common
+def agent(settings: Settings) -> None:
+    """Run this host's agent in the foreground (commands start one on demand)."""
+    from dbguard.agent import Agent, AgentAlreadyRunning
+
+    _log_to_stderr()
+    directory = local_agent.cache_dir(settings)
+    try:
+        Agent(settings, directory).run()
+    except AgentAlreadyRunning as exc:
+        click.echo(f"dbguard: {exc}", err=True)
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@main.command()
+@_json_option
+@_common
+def up(settings: Settings, as_json: bool) -> None:
+    """Start a broker and an agent on this machine (a cluster of one) and print the address."""
+    started = _start_broker(settings)
+    client = local_agent.connect(settings)
+    with client:
+        agent_info = client.call_ok(AgentOp.HELLO)
+    data = {
+        "broker": settings.broker,
+        "started": started,
+        "state": str(settings.state),
+        "agent": {k: agent_info[k] for k in ("host", "user", "pid", "cache")},
+    }
+    how = "started" if started else "already running"
+    who = f"{agent_info['user']}@{agent_info['host']}"
+    text = (
+        f"broker  {settings.broker} ({how}; state in {settings.state})\n"
+        f"agent   {who} pid {agent_info['pid']}, cache {agent_info['cache']}\n"
+        f"export DBGUARD_BROKER={settings.broker}"
+    )
+    _emit(as_json, data, text)
+
+
+def _start_broker(settings: Settings) -> bool:
+    with Client(settings.broker, timeout=1.0, attempts=1) as probe:
+        try:
+            probe.call_ok(Op.HELLO)
+            return False
+        except BrokerUnavailable:
+            pass
+    settings.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = settings.state / "broker.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dbguard",
+                "broker",
+                "--address",
+                _bind_address(settings.broker),
+                "--state",
+                str(settings.state),
+                "--ttl",
+                str(settings.ttl),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    (settings.state / "broker.pid").write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + 10
+    with Client(settings.broker, timeout=0.5, attempts=1) as probe:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            try:
+                probe.call_ok(Op.HELLO)
+                return True
+            except BrokerUnavailable:
+                continue
+    tail = log_path.read_text(errors="replace").splitlines()[-5:]
+    raise BrokerUnavailable(
+        f"the broker did not start on {settings.broker}; last lines of {log_path}:\n  " + "\n  ".join(tail)
+    )
+
+
+@main.command()
+@_json_option
+@_common
+def down(settings: Settings, as_json: bool) -> None:
+    """Stop this machine's agent and the broker that `dbguard up` started."""
+    stopped = []
+    agent_client = local_agent.running(settings)
+    if agent_client is not None:
+        with agent_client:
+            agent_client.call_ok(AgentOp.SHUTDOWN)
+        stopped.append("agent")
+    pid_file = settings.state / "broker.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text().strip() or 0)
+        if pid and _terminate(pid):
+            stopped.append("broker")
+        pid_file.unlink(missing_ok=True)
+    _emit(
+        as_json,
+        {"stopped": stopped},
+        "stopped " + (", ".join(stopped) if stopped else "nothing (nothing was running)"),
+    )
+
+
+def _terminate(pid: int, timeout: float = 10.0) -> bool:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return True
+
+
+# --------------------------------------------------------------- projects
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), default=".")
+@_json_option
+def init(project: Path, as_json: bool) -> None:
+    """Make PROJECT (default: the current directory) a dbguard project."""
+    result = api.init(project)
+    _emit(as_json, {"id": result.id, "path": str(result.path)}, f"project {result.path} has id {result.id}")
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@click.option("--wait", type=float, metavar="SECONDS", help="Queue for the lease for up to SECONDS.")
+@click.option("--takeover", is_flag=True, help="Ask the holder to flush and release, and wait for it.")
+@_json_option
+@_common
+def acquire(
+    settings: Settings, project: Path | None, wait: float | None, takeover: bool, as_json: bool
+) -> None:
+    """Become the writer of PROJECT (default: the current directory)."""
+    shown: set[int] = set()
+
+    def queued(reply: dict[str, Any]) -> None:
+        if not as_json and reply["position"] not in shown and sys.stderr.isatty():
+            shown.add(reply["position"])
+            click.echo(f"waiting: position {reply['position']} in the queue", err=True)
+
+    lease = api.acquire(project, wait=wait, takeover=takeover, settings=settings, on_queued=queued)
+    _emit(as_json, lease, f"acquired {lease['path']} (token {lease['token']}, ttl {lease['ttl']:.0f}s)")
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@_json_option
+@_common
+def release(settings: Settings, project: Path | None, as_json: bool) -> None:
+    """Give up this host's writer lease on PROJECT; the cache stays warm."""
+    result = api.release(project, settings=settings)
+    text = (
+        f"released (token {result['token']})"
+        if result["released"]
+        else f"nothing to release: {result['reason']}"
+    )
+    _emit(as_json, result, text)
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@_json_option
+@_common
+def status(settings: Settings, project: Path | None, as_json: bool) -> None:
+    """Who writes PROJECT, since when, with what token, and what waits for it."""
+    result = api.status(project, settings=settings)
+    _emit(as_json, result, _status_text(result))
+
+
+def _status_text(result: dict[str, Any]) -> str:
+    lines = []
+    for item in result["projects"]:
+        lines.append(f"project {item.get('path', item['project'])}")
+        lines.append(f"  id       {item['project']}")
+        lines.append(
+            f"  state    {item['state']}"
+            + (f" (free in {item['free_in']:.1f}s)" if item.get("free_in") else "")
+        )
+        writer = item.get("writer")
+        if writer:
+            role = "writer" if item["state"] == "held" else "former writer"
+            unflushed = _size(writer["unflushed"])
+            lines.append(
+                f"  {role:<8} {writer['user']} on {writer['host']} since {_when(writer['since'])}, "
+                f"token {writer['token']}, ttl left {writer['ttl_left']:.1f}s, unflushed {unflushed}"
+            )
+            if item["state"] == "orphaned":
+                lines.append(
+                    f"  stranded {unflushed} may be unflushed on {writer['host']}; wait for that host to "
+                    "return, or run `dbguard break PROJECT --force`"
+                )
+        readers = ", ".join(f"{r['user']} on {r['host']}" for r in item.get("readers", [])) or "none"
+        queue = (
+            ", ".join(
+                f"{w['user']} on {w['host']}" + (" (takeover)" if w["takeover"] else "")
+                for w in item.get("queue", [])
+            )
+            or "empty"
+        )
+        lines.append(f"  readers  {readers}")
+        lines.append(f"  queue    {queue}")
+        if item.get("grace_left"):
+            lines.append(f"  broker   in its restart grace period for {item['grace_left']:.1f}s more")
+    agent = result.get("agent")
+    if agent:
+        for lease in agent["leases"]:
+            state = lease["state"] + (f": {lease['reason']}" if lease["reason"] else "")
+            lines.append(f"this host holds {lease['path']} (token {lease['token']}): {state}")
+        for notice in agent["notices"][-5:]:
+            lines.append(f"notice {_when(notice['at'])} {notice['text']}")
+    if not result["projects"]:
+        lines.append("the broker knows no projects yet")
+    return "\n".join(lines)
+
+
+@main.command(name="break")
+@click.argument("project", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Really break it (required).")
+@_json_option
+@_common
+def break_command(settings: Settings, project: Path, force: bool, as_json: bool) -> None:
+    """Free PROJECT whoever holds it; says what may be stranded on the former holder."""
+    if not force:
+        current = api.status(project, settings=settings)["projects"][0]
+        raise UsageError(
+            f"breaking {project} takes its lease from {_holder_text(current)}; anything unflushed there "
+            "stays on that host, kept aside. Run again with --force to do it"
+        )
+    result = api.break_lease(project, settings=settings)
+    broken = result["broken"]
+    if broken is None:
+        text = f"{result['path']} was not held; nothing to break"
+    else:
+        text = (
+            f"broke the lease of {broken['user']} on {broken['host']} "
+            f"(token {broken['token']}, {broken['state']}); {_size(broken['unflushed'])} may be "
+            "stranded there: its agent keeps them aside when it returns"
+        )
+    _emit(as_json, result, text)
+
+
+def _holder_text(item: dict[str, Any]) -> str:
+    writer = item.get("writer")
+    return f"{writer['user']} on {writer['host']} ({item['state']})" if writer else "nobody (it is free)"
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def run() -> None:
+    """Entry point that also reports unexpected errors without a traceback."""
+    try:
+        main()
+    except SystemExit:
+        raise
+    except Exception as exc:  # an unexpected failure: short message, exit 1, details on demand
+        if os.environ.get("DBGUARD_DEBUG"):
+            raise
+        click.echo(f"dbguard: unexpected error: {exc!r} (set DBGUARD_DEBUG=1 for the traceback)", err=True)
+        sys.exit(int(ExitCode.UNEXPECTED))

@@ -1,0 +1,117 @@
+"""A request/reply client for the broker and the local agent (Lazy Pirate).
+
+A request is sent on a DEALER socket and its reply awaited with a timeout. On a timeout the
+socket is thrown away (its queue may hold the unanswered request) and the same request, with
+the same id, is sent on a fresh one; the server answers a repeated id from its reply cache,
+so a resend never acts twice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+
+from dbguard import protocol
+from dbguard.errors import (
+    BrokerUnavailable,
+    GuardError,
+    IntegrityError,
+    LeaseHeld,
+    UnsafeCachePath,
+    UsageError,
+)
+from dbguard.protocol import ErrorKind
+
+_ENVELOPE = frozenset({"v", "id", "ok"})
+
+
+class Client:
+    """One connection to a dbguard server; use from one thread."""
+
+    def __init__(
+        self, address: str, *, timeout: float = 5.0, attempts: int = 3, what: str = "broker"
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.attempts = attempts
+        self.what = what
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] | None = None
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.address)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its reply (ok or error); raise BrokerUnavailable if none."""
+        message = protocol.request(op, **fields)
+        payload = protocol.encode(message)
+        per_try = (timeout or self.timeout) / self.attempts
+        for _ in range(self.attempts):
+            sock = self._connect()
+            sock.send(payload)
+            deadline = time.monotonic() + per_try
+            while (left := deadline - time.monotonic()) > 0:
+                if not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    break
+                try:
+                    reply = protocol.decode(sock.recv())
+                except protocol.ProtocolError:
+                    continue
+                if reply.get("id") == message["id"]:
+                    return reply
+                # A late reply to an earlier, abandoned request: not ours, keep waiting.
+            self._reset()
+        raise BrokerUnavailable(self._unreachable_message(timeout or self.timeout), address=self.address)
+
+    def _unreachable_message(self, waited: float) -> str:
+        if self.what == "broker":
+            return (
+                f"no answer from the dbguard broker at {self.address} within {waited:.0f}s; start one with "
+                "`dbguard up` on this machine, or set DBGUARD_BROKER to your site's broker"
+            )
+        return f"no answer from the local dbguard agent at {self.address} within {waited:.0f}s; see its log"
+
+    def call_ok(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Like `call`, but raise the typed error of a failed reply."""
+        reply = self.call(op, timeout=timeout, **fields)
+        if not reply.get("ok"):
+            raise error_from_reply(reply, self.address)
+        return {key: value for key, value in reply.items() if key not in _ENVELOPE}
+
+
+def error_from_reply(reply: dict[str, Any], address: str = "") -> GuardError:
+    """The typed error for a failed reply; messages from the server are shown as they are."""
+    kind = reply.get("error")
+    message = str(reply.get("message") or "request failed")
+    if kind == ErrorKind.HELD:
+        return LeaseHeld(message, holder=reply.get("holder") or {})
+    if kind in (ErrorKind.GRACE, ErrorKind.UNAVAILABLE):
+        return BrokerUnavailable(message, address=address)
+    if kind == ErrorKind.UNSAFE_CACHE:
+        return UnsafeCachePath(message, path=str(reply.get("path", "")), fstype=str(reply.get("fstype", "")))
+    if kind == ErrorKind.INTEGRITY:
+        return IntegrityError(message, path=str(reply.get("path", "")))
+    if kind in (ErrorKind.USAGE, ErrorKind.BAD_REQUEST, ErrorKind.VERSION):
+        return UsageError(message)
+    return GuardError(message)

@@ -1,0 +1,137 @@
+"""Durable storage of the lease table, behind one small interface.
+
+The store only keeps records; every rule about leases lives in `dbguard.leases`. The embedded
+implementation is an LMDB environment in the broker's state directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from dbguard.errors import GuardError, IntegrityError
+
+# LMDB errors that mean the environment on disk is damaged or not an LMDB file at all.
+_DAMAGE = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.PageNotFoundError)
+
+
+class LeaseStore(ABC):
+    """Durable records of the lease table, one JSON-able dict per project."""
+
+    @abstractmethod
+    def load(self) -> list[dict[str, Any]]:
+        """Every stored project record."""
+
+    @abstractmethod
+    def save(self, records: list[dict[str, Any]], *, sync: bool) -> None:
+        """Store these records in one atomic commit; with ``sync``, on disk before returning."""
+
+    @property
+    @abstractmethod
+    def identity(self) -> str:
+        """A stable id of this store, so clients can tell one broker state from another."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class LmdbLeaseStore(LeaseStore):
+    """The embedded store: an LMDB environment that one broker process owns at a time."""
+
+    MAP_SIZE = 1 << 30  # address space only; LMDB allocates pages as records arrive
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise GuardError(
+                f"cannot create the broker state directory {self.path}: {exc.strerror}; "
+                "choose another with --state"
+            ) from exc
+        self._lock_fd = self._lock_exclusively()
+        try:
+            # Commits are not synced by themselves: `save(sync=True)` forces one fdatasync for a
+            # whole batch of grants (group commit), and other changes ride along with it.
+            self._env = lmdb.open(
+                str(self.path / "leases"), map_size=self.MAP_SIZE, max_dbs=4, sync=False, metasync=False
+            )
+            self._projects = self._env.open_db(b"projects")
+            self._meta = self._env.open_db(b"meta")
+            self._identity = self._ensure_identity()
+        except _DAMAGE as exc:
+            os.close(self._lock_fd)
+            raise IntegrityError(
+                f"the broker state in {self.path / 'leases'} is damaged ({exc}); move that directory "
+                "aside and start the broker again: projects keep their fencing floor in their "
+                ".dbguard directory, so tokens stay increasing",
+                path=str(self.path),
+            ) from exc
+
+    def _lock_exclusively(self) -> int:
+        # Two brokers on one state directory would each issue tokens from the same counter.
+        fd = os.open(self.path / "broker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise GuardError(
+                    f"another broker is already using the state directory {self.path}; "
+                    "stop it (dbguard down) or give this one another --state"
+                ) from None
+            raise
+        return fd
+
+    def _ensure_identity(self) -> str:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            value = txn.get(b"identity")
+            if value is None:
+                value = uuid.uuid4().hex.encode()
+                txn.put(b"identity", value)
+        self._env.sync(True)
+        return bytes(value).decode()
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def load(self) -> list[dict[str, Any]]:
+        records = []
+        try:
+            with self._env.begin(db=self._projects) as txn:
+                for key, value in txn.cursor():
+                    try:
+                        records.append(json.loads(bytes(value)))
+                    except ValueError as exc:
+                        raise IntegrityError(
+                            f"the broker state in {self.path} has a damaged record for project "
+                            f"{bytes(key)!r}; move the directory aside and restart the broker",
+                            path=str(self.path),
+                        ) from exc
+        except _DAMAGE as exc:
+            raise IntegrityError(
+                f"the broker state in {self.path} is damaged ({exc})", path=str(self.path)
+            ) from exc
+        return records
+
+    def save(self, records: list[dict[str, Any]], *, sync: bool) -> None:
+        if records:
+            with self._env.begin(write=True, db=self._projects) as txn:
+                for record in records:
+                    txn.put(record["project"].encode(), json.dumps(record, separators=(",", ":")).encode())
+        if sync:
+            self._env.sync(True)
+
+    def close(self) -> None:
+        self._env.sync(True)
+        self._env.close()
+        os.close(self._lock_fd)

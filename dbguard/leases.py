@@ -1,0 +1,494 @@
+"""The lease state machine of one site: who may write which project, and who waits.
+
+Pure logic with no I/O and no clock of its own: every operation takes ``now`` (the broker's
+monotonic clock) and ``wall`` (wall-clock seconds, only for what a person reads). The broker
+feeds it requests and persists what it reports as changed; property tests drive it directly
+with random operations and clock steps.
+
+Time is evaluated lazily: a project's expiries are applied when the project is next touched,
+computed from the recorded deadlines rather than from the moment of observation, so the result
+does not depend on how often anyone looks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class LeaseState(StrEnum):
+    """What the broker knows about a project's writer lease (a state, not a boolean)."""
+
+    FREE = "free"
+    HELD = "held"
+    # Expired with nothing unflushed: free once the lock-delay has passed, so that a holder
+    # whose clock or network hiccuped cannot race a new writer at the very instant of expiry.
+    LOCK_DELAY = "lock-delay"
+    # Expired while holding unflushed data: blocked until the holder returns or an operator
+    # breaks it, because granting it would strand that data behind a newer fencing token.
+    ORPHANED = "orphaned"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The lease timing settings, in seconds."""
+
+    ttl: float
+    lock_delay: float
+    grace: float
+
+    def __post_init__(self) -> None:
+        if self.ttl <= 0 or self.lock_delay < 0:
+            raise ValueError("ttl must be positive and lock_delay not negative")
+        if self.grace < self.ttl:
+            raise ValueError("the grace period must be at least one TTL")
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A lease holder: one user's agent with one cache directory on one host.
+
+    ``agent`` is new each time the agent starts; ownership goes by `key`, so a restarted agent
+    reclaims what its predecessor held. The cache directory is part of the key because two
+    agents of one user on one host with different caches (two DBGUARD_CACHE settings) would
+    flush the same project independently: they must not share a lease.
+    """
+
+    host: str
+    user: str
+    agent: str
+    cache: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.user}@{self.host}:{self.cache}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"host": self.host, "user": self.user, "agent": self.agent, "cache": self.cache}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Holder:
+        return cls(**{name: str(value[name]) for name in ("host", "user", "agent", "cache")})
+
+
+@dataclass
+class WriterLease:
+    holder: Holder
+    token: int
+    since: float  # wall clock, for people
+    expires: float  # monotonic deadline
+    unflushed: int = 0
+    takeover_by: str | None = None  # holder key of whoever asked for a takeover
+
+
+@dataclass
+class Waiter:
+    holder: Holder
+    expires: float  # dropped from the queue unless it polls again before this
+    takeover: bool = False
+
+
+@dataclass
+class Loss:
+    """The last time a holder lost this project's lease, so its agent can be told why."""
+
+    holder: str
+    token: int
+    reason: str  # "expired", "orphaned", "broken", "taken over"
+    at: float  # wall clock
+    unflushed: int = 0
+
+
+@dataclass
+class ProjectLeases:
+    project: str
+    last_token: int = 0
+    state: LeaseState = LeaseState.FREE
+    # The holder while HELD; the former holder while LOCK_DELAY or ORPHANED.
+    writer: WriterLease | None = None
+    free_at: float = 0.0  # monotonic, while LOCK_DELAY
+    readers: dict[str, tuple[Holder, float]] = field(default_factory=dict)
+    queue: list[Waiter] = field(default_factory=list)
+    loss: Loss | None = None
+
+    def durable(self) -> dict[str, Any]:
+        """What survives a broker restart; deadlines, readers and the queue are rebuilt."""
+        writer = None
+        if self.writer is not None:
+            writer = {
+                "holder": self.writer.holder.to_json(),
+                "token": self.writer.token,
+                "since": self.writer.since,
+                "unflushed": self.writer.unflushed,
+            }
+        loss = None
+        if self.loss is not None:
+            loss = self.loss.__dict__.copy()
+        return {
+            "project": self.project,
+            "last_token": self.last_token,
+            "state": str(self.state),
+            "writer": writer,
+            "loss": loss,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one request, for the broker to turn into a reply.
+
+    ``kind`` is one of: granted, queued, held, grace, lost, released, ok.
+    """
+
+    kind: str
+    fields: dict[str, Any]
+
+
+class LeaseTable:
+    """Every project's leases at one site, with the rules of DESIGN.md."""
+
+    def __init__(self, timing: Timing) -> None:
+        self.timing = timing
+        self.projects: dict[str, ProjectLeases] = {}
+        self.grace_until = 0.0
+        # Projects whose durable record changed, and whether a grant is among the changes
+        # (a grant must be on disk before it is answered; other changes may ride along later).
+        self.changed: set[str] = set()
+        self.must_sync = False
+
+    # ----------------------------------------------------------------- restart
+
+    def load(self, records: list[dict[str, Any]], now: float) -> None:
+        """Rebuild from durable records after a restart and open the grace period.
+
+        Deadlines died with the old process, so every holder gets the whole grace period to
+        renew; until it ends nobody else is granted a writer lease (DESIGN.md, "Broker restart").
+        """
+        self.grace_until = now + self.timing.grace
+        for record in records:
+            entry = ProjectLeases(project=record["project"], last_token=int(record["last_token"]))
+            entry.state = LeaseState(record["state"])
+            if record.get("writer"):
+                w = record["writer"]
+                entry.writer = WriterLease(
+                    holder=Holder.from_json(w["holder"]),
+                    token=int(w["token"]),
+                    since=float(w["since"]),
+                    expires=self.grace_until,
+                    unflushed=int(w.get("unflushed", 0)),
+                )
+            if entry.state is LeaseState.LOCK_DELAY:
+                entry.free_at = self.grace_until
+            if record.get("loss"):
+                entry.loss = Loss(**record["loss"])
+            self.projects[entry.project] = entry
+
+    def in_grace(self, now: float) -> bool:
+        return now < self.grace_until
+
+    # --------------------------------------------------------------- requests
+
+    def acquire(
+        self,
+        project: str,
+        holder: Holder,
+        now: float,
+        wall: float,
+        *,
+        mode: str = "write",
+        wait: bool = False,
+        takeover: bool = False,
+        floor: int = 0,
+        unflushed: int = 0,
+    ) -> Decision:
+        entry = self._touch(project, now, wall)
+        if mode == "read":
+            entry.readers[holder.key] = (holder, now + self.timing.ttl)
+            return Decision("granted", {"mode": "read", "ttl": self.timing.ttl})
+        writer = entry.writer
+        mine = writer is not None and writer.holder.key == holder.key
+        if mine and entry.state in (LeaseState.HELD, LeaseState.ORPHANED, LeaseState.LOCK_DELAY):
+            # The same user and host asking again: a retry, a restarted agent reclaiming its
+            # lease, or the holder of an orphaned lease coming back. Nobody else was granted in
+            # between, so the old token is still the newest and the lease simply resumes.
+            assert writer is not None
+            return self._resume(entry, writer, holder, now, unflushed)
+        if entry.state is LeaseState.FREE and not self.in_grace(now) and self._may_take(entry, holder):
+            return self._grant(entry, holder, now, wall, floor, unflushed)
+        if (
+            takeover
+            and entry.state is LeaseState.HELD
+            and writer is not None
+            and writer.takeover_by in (None, holder.key)
+        ):
+            writer.takeover_by = holder.key
+            self._enqueue(entry, holder, now, front=True)
+            return self._queued(entry, holder, now)
+        if wait or takeover:
+            self._enqueue(entry, holder, now)
+            return self._queued(entry, holder, now)
+        if entry.state is LeaseState.FREE and self.in_grace(now):
+            return Decision("grace", {"retry_after": self.grace_until - now})
+        return Decision("held", self._refusal(entry, now))
+
+    def renew(
+        self, holder: Holder, items: list[dict[str, Any]], now: float, wall: float
+    ) -> list[dict[str, Any]]:
+        """Heartbeat for several projects at once; one result per item, in order."""
+        results = []
+        for item in items:
+            project, token, unflushed = item["project"], int(item["token"]), int(item["unflushed"])
+            entry = self._touch(project, now, wall)
+            writer = entry.writer
+            if (
+                writer is not None
+                and writer.holder.key == holder.key
+                and writer.token == token
+                and entry.state is not LeaseState.FREE
+            ):
+                self._resume(entry, writer, holder, now, unflushed)
+                results.append(
+                    {
+                        "project": project,
+                        "ok": True,
+                        "ttl": self.timing.ttl,
+                        "takeover_by": writer.takeover_by,
+                    }
+                )
+                continue
+            if holder.key in entry.readers and token == 0:
+                entry.readers[holder.key] = (holder, now + self.timing.ttl)
+                results.append({"project": project, "ok": True, "ttl": self.timing.ttl, "takeover_by": None})
+                continue
+            results.append({"project": project, "ok": False, **self._loss_for(entry, holder, token)})
+        return results
+
+    def release(
+        self, project: str, holder: Holder, token: int | None, now: float, wall: float, *, mode: str = "write"
+    ) -> Decision:
+        """Give up a lease. Releasing what one no longer holds is not an error: a retry after a
+        lost reply, or a release after the lease was broken, must not fail the caller."""
+        entry = self._touch(project, now, wall)
+        if mode == "read":
+            entry.readers.pop(holder.key, None)
+            return Decision("released", {})
+        writer = entry.writer
+        if writer is None or writer.holder.key != holder.key or (token is not None and writer.token != token):
+            self._dequeue(entry, holder.key)
+            return Decision("released", {"held": False})
+        entry.writer = None
+        entry.state = LeaseState.FREE
+        self._mark(entry)
+        return Decision("released", {"held": True, "token": writer.token})
+
+    def leave_queue(self, project: str, holder: Holder, now: float, wall: float) -> Decision:
+        entry = self._touch(project, now, wall)
+        self._dequeue(entry, holder.key)
+        if entry.writer is not None and entry.writer.takeover_by == holder.key:
+            entry.writer.takeover_by = None
+        return Decision("ok", {})
+
+    def break_lease(self, project: str, now: float, wall: float) -> Decision:
+        """An operator frees the project whatever its state; reports what may be stranded."""
+        entry = self._touch(project, now, wall)
+        writer = entry.writer
+        if writer is None or entry.state is LeaseState.FREE:
+            return Decision("ok", {"broken": None})
+        stranded = {
+            "host": writer.holder.host,
+            "user": writer.holder.user,
+            "token": writer.token,
+            "state": str(entry.state),
+            "unflushed": writer.unflushed,
+        }
+        entry.loss = Loss(writer.holder.key, writer.token, "broken", wall, writer.unflushed)
+        entry.writer = None
+        entry.state = LeaseState.FREE
+        self._mark(entry)
+        return Decision("ok", {"broken": stranded})
+
+    def status(self, project: str, now: float, wall: float) -> dict[str, Any]:
+        entry = self._touch(project, now, wall, create=False)
+        if entry is None:
+            return {
+                "project": project,
+                "state": str(LeaseState.FREE),
+                "known": False,
+                "token": 0,
+                "writer": None,
+                "readers": [],
+                "queue": [],
+                "grace_left": self._grace_left(now),
+            }
+        writer = None
+        if entry.writer is not None:
+            w = entry.writer
+            writer = {
+                "host": w.holder.host,
+                "user": w.holder.user,
+                "since": w.since,
+                "token": w.token,
+                "ttl_left": max(0.0, w.expires - now) if entry.state is LeaseState.HELD else 0.0,
+                "unflushed": w.unflushed,
+                "takeover_by": w.takeover_by,
+            }
+        return {
+            "project": project,
+            "known": True,
+            "state": str(entry.state),
+            "token": entry.last_token,
+            "writer": writer,
+            "free_in": max(0.0, entry.free_at - now) if entry.state is LeaseState.LOCK_DELAY else None,
+            "readers": [{"host": h.host, "user": h.user} for h, _ in entry.readers.values()],
+            "queue": [
+                {"host": w.holder.host, "user": w.holder.user, "takeover": w.takeover} for w in entry.queue
+            ],
+            "last_loss": entry.loss.__dict__.copy() if entry.loss else None,
+            "grace_left": self._grace_left(now),
+        }
+
+    def known_projects(self) -> list[str]:
+        return sorted(self.projects)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _touch(self, project: str, now: float, wall: float, *, create: bool = True) -> Any:
+        entry = self.projects.get(project)
+        if entry is None:
+            if not create:
+                return None
+            entry = self.projects[project] = ProjectLeases(project)
+        self._advance(entry, now, wall)
+        return entry
+
+    def _advance(self, entry: ProjectLeases, now: float, wall: float) -> None:
+        """Apply every expiry due by ``now``, each at the time it fell due."""
+        writer = entry.writer
+        if entry.state is LeaseState.HELD and writer is not None and writer.expires <= now:
+            lapsed_wall = wall - (now - writer.expires)
+            if writer.unflushed > 0:
+                entry.state = LeaseState.ORPHANED
+                entry.loss = Loss(writer.holder.key, writer.token, "orphaned", lapsed_wall, writer.unflushed)
+            else:
+                entry.state = LeaseState.LOCK_DELAY
+                entry.free_at = writer.expires + self.timing.lock_delay
+                entry.loss = Loss(writer.holder.key, writer.token, "expired", lapsed_wall, 0)
+            writer.takeover_by = None
+            self._mark(entry)
+        if entry.state is LeaseState.LOCK_DELAY and entry.free_at <= now:
+            entry.state = LeaseState.FREE
+            entry.writer = None
+            self._mark(entry)
+        if entry.readers:
+            entry.readers = {k: v for k, v in entry.readers.items() if v[1] > now}
+        if entry.queue:
+            entry.queue = [w for w in entry.queue if w.expires > now]
+
+    def _may_take(self, entry: ProjectLeases, holder: Holder) -> bool:
+        """First come, first served: a free project goes to the head of its queue."""
+        return not entry.queue or entry.queue[0].holder.key == holder.key
+
+    def _grant(
+        self, entry: ProjectLeases, holder: Holder, now: float, wall: float, floor: int, unflushed: int
+    ) -> Decision:
+        # The token is strictly greater than every earlier one, and than the floor the client
+        # read from the project directory, so a lost broker state cannot reissue old tokens.
+        token = max(entry.last_token, floor) + 1
+        entry.last_token = token
+        entry.writer = WriterLease(holder, token, wall, now + self.timing.ttl, unflushed)
+        entry.state = LeaseState.HELD
+        self._dequeue(entry, holder.key)
+        self._mark(entry, sync=True)
+        return Decision("granted", self._lease_fields(entry, entry.writer, now))
+
+    def _resume(
+        self, entry: ProjectLeases, writer: WriterLease, holder: Holder, now: float, unflushed: int
+    ) -> Decision:
+        was_dirty = writer.unflushed > 0
+        if entry.state is not LeaseState.HELD:
+            entry.state = LeaseState.HELD
+            entry.loss = None
+            self._mark(entry, sync=True)
+        writer.holder = holder
+        writer.expires = max(writer.expires, now + self.timing.ttl)
+        writer.unflushed = unflushed
+        if (unflushed > 0) != was_dirty:
+            # Whether an expired lease orphans or frees depends on this, so it must survive a
+            # restart; becoming dirty is synced before the heartbeat is answered.
+            self._mark(entry, sync=unflushed > 0)
+        return Decision("granted", self._lease_fields(entry, writer, now))
+
+    def _lease_fields(self, entry: ProjectLeases, writer: WriterLease, now: float) -> dict[str, Any]:
+        return {
+            "mode": "write",
+            "project": entry.project,
+            "token": writer.token,
+            "since": writer.since,
+            "ttl": self.timing.ttl,
+            "takeover_by": writer.takeover_by,
+        }
+
+    def _enqueue(self, entry: ProjectLeases, holder: Holder, now: float, *, front: bool = False) -> None:
+        deadline = now + self.timing.ttl
+        for waiter in entry.queue:
+            if waiter.holder.key == holder.key:
+                waiter.expires = deadline
+                waiter.holder = holder
+                if front and entry.queue[0] is not waiter:
+                    entry.queue.remove(waiter)
+                    waiter.takeover = True
+                    entry.queue.insert(0, waiter)
+                return
+        waiter = Waiter(holder, deadline, takeover=front)
+        if front:
+            entry.queue.insert(0, waiter)
+        else:
+            entry.queue.append(waiter)
+
+    def _dequeue(self, entry: ProjectLeases, key: str) -> None:
+        entry.queue = [w for w in entry.queue if w.holder.key != key]
+
+    def _queued(self, entry: ProjectLeases, holder: Holder, now: float) -> Decision:
+        position = next(i for i, w in enumerate(entry.queue) if w.holder.key == holder.key)
+        return Decision("queued", {"position": position + 1, **self._refusal(entry, now)})
+
+    def _refusal(self, entry: ProjectLeases, now: float) -> dict[str, Any]:
+        fields: dict[str, Any] = {"state": str(entry.state), "holder": None, "retry_after": None}
+        writer = entry.writer
+        if writer is not None:
+            fields["holder"] = {
+                "host": writer.holder.host,
+                "user": writer.holder.user,
+                "since": writer.since,
+                "token": writer.token,
+                "unflushed": writer.unflushed,
+            }
+        if entry.state is LeaseState.LOCK_DELAY:
+            fields["retry_after"] = max(0.0, entry.free_at - now)
+        elif entry.state is LeaseState.FREE and entry.queue:
+            fields["queue_length"] = len(entry.queue)
+        return fields
+
+    def _loss_for(self, entry: ProjectLeases, holder: Holder, token: int) -> dict[str, Any]:
+        loss = entry.loss
+        if loss is not None and loss.holder == holder.key and loss.token == token:
+            return {"reason": loss.reason, "at": loss.at, "current_token": entry.last_token}
+        if entry.last_token > token:
+            return {"reason": "superseded", "at": None, "current_token": entry.last_token}
+        return {"reason": "released", "at": None, "current_token": entry.last_token}
+
+    def _grace_left(self, now: float) -> float:
+        return max(0.0, self.grace_until - now)
+
+    def _mark(self, entry: ProjectLeases, *, sync: bool = False) -> None:
+        self.changed.add(entry.project)
+        self.must_sync = self.must_sync or sync
+
+    def take_changes(self) -> tuple[list[dict[str, Any]], bool]:
+        """The durable records changed since the last call, and whether they must be synced."""
+        records = [self.projects[p].durable() for p in sorted(self.changed)]
+        must_sync = self.must_sync
+        self.changed.clear()
+        self.must_sync = False
+        return records, must_sync

@@ -1,0 +1,84 @@
+"""Finding, starting and talking to this host's agent (the ssh-agent pattern).
+
+Commands that need the agent start it on demand in its own session, logging to ``agent.log``
+in the cache directory, and wait until it answers. Two commands racing to start one are
+harmless: the agent holds an exclusive lock on its cache directory, so the second one exits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cache import UnsafeCacheLocation, prepare_cache_dir
+from dbguard.agent import LOG_NAME, SOCKET_NAME, socket_address
+from dbguard.client import Client
+from dbguard.errors import BrokerUnavailable, UnsafeCachePath
+from dbguard.protocol import AgentOp
+from dbguard.settings import Settings
+
+_START_TIMEOUT = 10.0
+
+
+def cache_dir(settings: Settings) -> Path:
+    """The checked cache directory: never on a network filesystem, ours alone (invariant 6)."""
+    try:
+        return prepare_cache_dir(settings.cache)
+    except UnsafeCacheLocation as exc:
+        raise UnsafeCachePath(str(exc), path=exc.path, fstype=exc.fstype) from exc
+
+
+def running(settings: Settings) -> Client | None:
+    """A client of the agent if one is running, without starting one."""
+    directory = cache_dir(settings)
+    if not (directory / SOCKET_NAME).exists():
+        return None
+    client = Client(socket_address(directory), timeout=1.0, attempts=1, what="agent")
+    try:
+        client.call_ok(AgentOp.HELLO)
+    except BrokerUnavailable:
+        client.close()
+        return None
+    return client
+
+
+def connect(settings: Settings) -> Client:
+    """A client of this host's agent, starting the agent if it is not running."""
+    client = running(settings)
+    if client is not None:
+        client.timeout = settings.request_timeout * 3  # an acquire includes a broker round trip
+        return client
+    directory = cache_dir(settings)
+    start(settings, directory)
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        client = running(settings)
+        if client is not None:
+            client.timeout = settings.request_timeout * 3
+            return client
+        time.sleep(0.05)
+    raise BrokerUnavailable(
+        f"the dbguard agent did not start within {_START_TIMEOUT:.0f}s; its log is {directory / LOG_NAME}"
+    )
+
+
+def start(settings: Settings, directory: Path) -> None:
+    env = dict(os.environ)
+    env.update(
+        DBGUARD_BROKER=settings.broker,
+        DBGUARD_CACHE=str(directory),
+        DBGUARD_REQUEST_TIMEOUT=str(settings.request_timeout),
+    )
+    with open(directory / LOG_NAME, "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "dbguard", "agent"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,  # outlives the command that started it, like ssh-agent
+            close_fds=True,
+        )
