@@ -7,6 +7,7 @@ harmless: the agent holds an exclusive lock on its cache directory, so the secon
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from cache import UnsafeCacheLocation, prepare_cache_dir
-from dbguard.agent import LOG_NAME, SOCKET_NAME, socket_address
+from dbguard.agent import LOCK_NAME, LOG_NAME, SOCKET_NAME, socket_address
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable, UnsafeCachePath
 from dbguard.protocol import AgentOp
@@ -34,7 +35,7 @@ def cache_dir(settings: Settings) -> Path:
 def running(settings: Settings) -> Client | None:
     """A client of the agent if one is running, without starting one."""
     directory = cache_dir(settings)
-    if not (directory / SOCKET_NAME).exists():
+    if not (directory / SOCKET_NAME).exists() or not _lock_held(directory / LOCK_NAME):
         return None
     client = Client(socket_address(directory), timeout=1.0, attempts=1, what="agent")
     try:
@@ -43,6 +44,22 @@ def running(settings: Settings) -> Client | None:
         client.close()
         return None
     return client
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a live agent holds its lock: a crashed agent leaves its socket file behind, and
+    asking that with a timeout would cost a second; the kernel drops a dead process's lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def connect(settings: Settings) -> Client:
