@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cache import default_cache_dir
 from dbguard.errors import UsageError
 
 DEFAULT_PORT = 7390
@@ -33,10 +34,6 @@ def _default_state_dir() -> Path:
     # Not /tmp: the broker's token counter must survive a reboot (invariant 2).
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "dbguard" / "broker"
-
-
-def _default_cache_dir() -> Path:
-    return Path(f"/tmp/dbguard-{getpass.getuser()}")
 
 
 @dataclass(frozen=True)
@@ -109,7 +106,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def load(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from every source; ``overrides`` are command-line options (None = not given)."""
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {"cache": _default_cache_dir(), "state": _default_state_dir()}
+    # The environment variable is read below with the others, so the cache's own default sees none.
+    values: dict[str, Any] = {"cache": default_cache_dir(environ={}), "state": _default_state_dir()}
     values.update(_read_toml(SYSTEM_CONFIG))
     values.update(_read_toml(user_config_path()))
     for name in NAMES:

@@ -1,0 +1,56 @@
+"""Errors raised by the node-local cache.
+
+Each error carries the facts a caller needs to act (path, filesystem type, mount) and
+pickles, because the agent reports errors to user processes and multiprocessing
+workers re-raise them in their parent (filelock's ``Timeout`` defines ``__reduce__``
+for the same reason).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CacheError(Exception):
+    """Base of every error the cache raises on purpose."""
+
+
+class UnsafeCacheLocation(CacheError):
+    """The cache directory cannot be trusted to hold an LMDB environment.
+
+    ``reason`` is the clause that follows the path in the message: what is wrong,
+    why it matters and what to do, for example ``"is on nfs4 (server:/export mounted
+    at /home): a network filesystem cannot hold the cache; set DBGUARD_CACHE to a
+    local disk such as /tmp"``. ``fstype``, ``mount_source`` and ``mountpoint``
+    describe the mount the directory lives on, whatever the reason.
+    """
+
+    def __init__(self, path: str, fstype: str, mount_source: str, mountpoint: str, reason: str) -> None:
+        self.path = path
+        self.fstype = fstype
+        self.mount_source = mount_source
+        self.mountpoint = mountpoint
+        self.reason = reason
+        super().__init__(f"cache directory {path} {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            type(self),
+            (self.path, self.fstype, self.mount_source, self.mountpoint, self.reason),
+        )
+
+
+class CacheCorrupt(CacheError):
+    """An LMDB environment of the cache will not open or is damaged."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"cache environment {path} is damaged or is not an LMDB environment "
+            f"({detail}): its entries cannot be read; run `dbguard clear` to drop it, "
+            f"or move the directory aside to keep it for inspection"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.detail))
