@@ -8,6 +8,7 @@ so a resend never acts twice.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -82,7 +83,25 @@ class Client:
                     return reply
                 # A late reply to an earlier, abandoned request: not ours, keep waiting.
             self._reset()
+            if self._refused():
+                break
         raise BrokerUnavailable(self._unreachable_message(timeout or self.timeout), address=self.address)
+
+    def _refused(self) -> bool:
+        """Whether nothing listens at a tcp:// address. ZeroMQ reconnects silently forever, so
+        without this check a user who forgot `dbguard up` would wait out every retry."""
+        if not self.address.startswith("tcp://"):
+            return False
+        host, _, port = self.address[len("tcp://") :].rpartition(":")
+        try:
+            with socket.create_connection(
+                (host.strip("[]"), int(port)), timeout=self.timeout / self.attempts
+            ):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except (OSError, ValueError):
+            return False  # unreachable or slow is not a refusal: keep retrying
 
     def _unreachable_message(self, waited: float) -> str:
         if self.what == "broker":

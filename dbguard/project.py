@@ -75,7 +75,10 @@ def read_identity(root: Path) -> str:
 
 
 def init(root: Path) -> Project:
-    """Make ``root`` a project, or return the project it already is.
+    """Make ``root`` a project, or return the project it already is or lies in.
+
+    A directory inside a project is never made a project of its own: two nested projects
+    would let two hosts hold leases on overlapping files.
 
     Two hosts may run this at once over a shared filesystem. The identity is written to a
     private temporary file and then hard-linked into place: link(2) fails if the name exists,
@@ -83,6 +86,9 @@ def init(root: Path) -> Project:
     winner's identity.
     """
     root = root.resolve()
+    enclosing = find_root(root)
+    if enclosing is not None:
+        return Project(read_identity(enclosing), enclosing)
     meta = root / MARKER
     try:
         meta.mkdir(exist_ok=True)
@@ -91,8 +97,6 @@ def init(root: Path) -> Project:
             f"cannot create {meta}: {exc.strerror}; the project directory must be writable"
         ) from exc
     target = meta / IDENTITY_FILE
-    if target.exists():
-        return Project(read_identity(root), root)
     record = {
         "id": str(uuid.uuid4()),
         "created": _now_text(),
