@@ -111,8 +111,8 @@ def encode(message: Mapping[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
-def request(op: str, **fields: Any) -> dict[str, Any]:
-    return {"v": VERSION, "id": new_request_id(), "op": op, **fields}
+def request(op: str, req_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {"v": VERSION, "id": req_id or new_request_id(), "op": op, **fields}
 
 
 def reply_ok(req_id: str, **fields: Any) -> dict[str, Any]:
