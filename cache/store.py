@@ -56,6 +56,8 @@ __all__ = [
 
 _T = TypeVar("_T")
 
+# Where environments of leases that were lost are kept, never deleted by dbguard.
+ASIDE = "aside"
 DEFAULT_MAP_SIZE = 64 << 20
 # Three databases are used; the headroom lets later versions add some without a
 # migration (max_dbs is fixed when an environment is opened).
@@ -69,6 +71,7 @@ _META = b"meta"
 _SEQ = b"seq"
 _DIRTY_BYTES = b"dirty_bytes"
 _COUNT_PREFIX = b"count:"
+_NOTE_PREFIX = b"note:"
 
 _U64 = struct.Struct(">Q")
 _DIRTY_VALUE = struct.Struct(">QQ")  # sequence number, record size
@@ -353,6 +356,12 @@ class _WriteTxn:
         self.put(db, index, value)
         return index
 
+    def raise_count(self, db: str, floor: int) -> int:
+        key = _count_key(db)
+        count = max(_get_u64(self._txn, self._s.meta, key), floor)
+        _put_u64(self._txn, self._s.meta, key, count)
+        return count
+
     def clean(self, entries: list[tuple[bytes, int]]) -> int:
         s, txn = self._s, self._txn
         cleaned = 0
@@ -552,6 +561,12 @@ class CacheStore:
         value = encode_record(array, attrs)
         return self._write(lambda w: w.append(db, value))
 
+    def raise_count(self, db: str, floor: int) -> int:
+        """Make `append` number records from at least ``floor`` on: records the cache does
+        not hold (already in a durable copy elsewhere) must not be overwritten by appends."""
+        _check_db(db)
+        return self._write(lambda w: w.raise_count(db, floor))
+
     def mark_flushed(self, entries: Iterable[DirtyEntry]) -> int:
         """Clear the dirty marks of flushed entries; return the bytes cleaned.
 
@@ -560,6 +575,22 @@ class CacheStore:
         """
         keys = [(_record_key(e.db, e.index), e.seq) for e in entries]
         return self._write(lambda w: w.clean(keys))
+
+    def note(self, **values: int) -> None:
+        """Remember small counters about this cache for its owner (the cache gives them no
+        meaning), such as the generation of the durable copy it was last flushed to."""
+
+        def run(w: _WriteTxn) -> None:
+            for name, value in values.items():
+                _put_u64(w._txn, w._s.meta, _NOTE_PREFIX + name.encode(), value)
+
+        self._write(run)
+
+    def noted(self, name: str) -> int:
+        """A counter stored with `note`, or 0."""
+        shared = self._live()
+        with _translate(self.path), shared.env.begin() as txn:
+            return _get_u64(txn, shared.meta, _NOTE_PREFIX + name.encode())
 
     def sync(self) -> None:
         """Force committed data to disk (commits are not synced one by one)."""
@@ -646,6 +677,35 @@ class CacheStore:
             doomed = path.with_name(f".drop-{project_id}-{uuid.uuid4().hex}")
             os.rename(path, doomed)
         shutil.rmtree(doomed)
+
+    @staticmethod
+    def set_aside(root: Path, project_id: str, label: str) -> Path | None:
+        """Move the project's environment, dirty records and all, out of the way.
+
+        It lands in ``root/aside/<label>/projects/<project_id>``, so that
+        ``CacheStore(root / "aside" / label, project_id)`` opens it again for recovery,
+        while the project starts afresh here. Returns the aside root, or None if there
+        was nothing to move. Refused, like `drop`, while this process has it open.
+        """
+        path = _project_path(root, project_id)
+        aside_root = Path(root) / ASIDE / label
+        with _REGISTRY.lock:
+            if _REGISTRY.get(path) is not None:
+                raise CacheError(
+                    f"cannot set aside cache environment {path}: this process still has it "
+                    f"open; close every CacheStore of project {project_id} first"
+                )
+            if not path.exists():
+                return None
+            target = _project_path(aside_root, project_id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+        return aside_root
+
+    @staticmethod
+    def exists(root: Path, project_id: str) -> bool:
+        """Whether the project has a cache environment here."""
+        return (_project_path(root, project_id) / _DATA_FILE).is_file()
 
     @staticmethod
     def dirty_bytes_of(root: Path, project_id: str) -> int:

@@ -3,7 +3,7 @@
 The public names are handed on from the modules that define them.
 """
 
-from dbguard.api import acquire, break_lease, init, release, status
+from dbguard.api import acquire, break_lease, clear, flush, init, open, release, status
 from dbguard.errors import (
     BrokerUnavailable,
     ExitCode,
@@ -12,23 +12,30 @@ from dbguard.errors import (
     IntegrityError,
     LeaseHeld,
     LeaseLost,
+    ProjectBusy,
     UnsafeCachePath,
     UsageError,
 )
+from dbguard.imagedb import ImageDB
 
 __all__ = [
     "BrokerUnavailable",
     "ExitCode",
     "Fenced",
     "GuardError",
+    "ImageDB",
     "IntegrityError",
     "LeaseHeld",
     "LeaseLost",
+    "ProjectBusy",
     "UnsafeCachePath",
     "UsageError",
     "acquire",
     "break_lease",
+    "clear",
+    "flush",
     "init",
+    "open",
     "release",
     "status",
 ]

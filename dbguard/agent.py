@@ -1,24 +1,33 @@
 """The local agent: one per host, user and cache directory, started on demand like ssh-agent.
 
 It holds this host's leases and renews them with one batched heartbeat per interval, reports
-how many bytes each project has unflushed in the cache, answers takeover requests by releasing,
-and notices when a lease it held was lost, so `dbguard status` can say so. User processes talk
-to it over a ZeroMQ ipc socket inside the cache directory (0700, so only its user can connect).
+how many bytes each project has unflushed in the cache, flushes dirty data periodically and on
+release, answers takeover requests by flushing and releasing, and notices when a lease it held
+was lost, setting that lease's unflushed data aside. User processes talk to it over a ZeroMQ
+ipc socket inside the cache directory (0700, so only its user can connect).
 
-The leases it holds are also written to ``leases.json`` in the cache directory, so that an
-agent restarted after a crash reclaims them before their TTL runs out.
+Two threads: the heartbeat thread only renews (a flush of many gigabytes must never delay a
+renewal past the TTL), and the main thread serves local requests and does the long work:
+flushes, hand-overs and setting data aside. They share the lease table under one lock.
+
+The leases it holds are also written to ``leases.json`` in the cache directory: an agent
+restarted after a crash reclaims them, and writing processes check them there (writer_guard).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +35,13 @@ from typing import Any
 import zmq
 
 from cache import CacheStore
+from dbguard import flush as flushing
 from dbguard import protocol
 from dbguard.client import Client, error_from_reply
-from dbguard.errors import GuardError, LeaseHeld
+from dbguard.errors import Fenced, GuardError, LeaseHeld
 from dbguard.leases import Holder
 from dbguard.project import Project, token_floor, write_writer_record
+from dbguard.project_store import FlushResult
 from dbguard.protocol import AgentOp, ErrorKind, Op
 from dbguard.settings import Settings
 
@@ -57,11 +68,16 @@ class HeldLease:
     reason: str = ""  # why it was lost
     takeover_by: str | None = None
     last_renewed: float = field(default=0.0, repr=False)  # monotonic; not persisted
+    last_flush: float = field(default=0.0, repr=False)  # monotonic; not persisted
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("last_renewed")
+        data.pop("last_flush")
         return data
+
+    def as_project(self) -> Project:
+        return Project(self.project, Path(self.path))
 
 
 class AgentAlreadyRunning(GuardError):
@@ -77,15 +93,16 @@ class Agent:
         self.broker = Client(settings.broker, timeout=settings.request_timeout)
         self.leases: dict[str, HeldLease] = {}
         self.notices: list[dict[str, Any]] = []
+        self._table_lock = threading.RLock()
+        self._work: queue.Queue[Callable[[], None]] = queue.Queue()
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        sock_path = cache_dir / SOCKET_NAME
-        sock_path.unlink(missing_ok=True)  # a crashed predecessor's; we hold the lock
+        (cache_dir / SOCKET_NAME).unlink(missing_ok=True)  # a crashed predecessor's; we hold the lock
         self._socket.bind(socket_address(cache_dir))
-        self._running = True
-        self._next_heartbeat = 0.0
+        self._stopping = threading.Event()
+        self._renew_now = threading.Event()
 
     def _lock(self) -> int:
         fd = os.open(self.cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -109,25 +126,29 @@ class Agent:
             "agent %s for %s serving %s", self.holder.agent, self.holder.key, socket_address(self.cache_dir)
         )
         self._reclaim()
+        heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeats.start()
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         try:
-            while self._running:
-                wait = max(0.0, self._next_heartbeat - time.monotonic()) if self._live_leases() else 1.0
-                if poller.poll(int(wait * 1000) + 1):
+            while not self._stopping.is_set():
+                if poller.poll(200):
                     self._serve_local()
-                if self._live_leases() and time.monotonic() >= self._next_heartbeat:
-                    self._heartbeat()
+                self._do_work()
+                self._flush_due()
         finally:
+            self._stopping.set()
+            heartbeats.join(timeout=5)
             self._socket.close()
             self.broker.close()
             os.close(self._lock_fd)
 
     def stop(self) -> None:
-        self._running = False
+        self._stopping.set()
 
     def _live_leases(self) -> list[HeldLease]:
-        return [lease for lease in self.leases.values() if lease.state != "lost"]
+        with self._table_lock:
+            return [lease for lease in self.leases.values() if lease.state != "lost"]
 
     def _reclaim(self) -> None:
         """Take back what the previous agent of this cache directory held."""
@@ -138,47 +159,71 @@ class Agent:
         for item in saved:
             lease = HeldLease(**item)
             if lease.state == "lost":
+                self.leases[lease.project] = lease
                 continue
             try:
-                self._acquire(Project(lease.project, Path(lease.path)), wait=False, takeover=False)
+                self._acquire(lease.as_project(), wait=False, takeover=False)
                 self._notice(
                     lease.project,
                     f"reclaimed the lease (token {self.leases[lease.project].token}) after an agent restart",
                 )
             except GuardError as exc:
-                lease.state, lease.reason = "lost", f"could not reclaim after an agent restart: {exc}"
+                lease.state, lease.reason = "lost", f"could not reclaim it after an agent restart: {exc}"
                 self.leases[lease.project] = lease
                 self._notice(lease.project, lease.reason)
+                self._work.put(functools.partial(self._set_aside, lease))
         self._save()
 
     def _save(self) -> None:
-        temp = self.cache_dir / f".{LEASES_NAME}.tmp"
-        temp.write_text(json.dumps([lease.public() for lease in self.leases.values()], indent=1))
+        with self._table_lock:
+            data = json.dumps([lease.public() for lease in self.leases.values()], indent=1)
+        temp = self.cache_dir / f".{LEASES_NAME}.{threading.get_ident()}"
+        temp.write_text(data)
         os.replace(temp, self.cache_dir / LEASES_NAME)
 
     def _notice(self, project: str, text: str) -> None:
         log.warning("%s: %s", project, text)
-        self.notices.append({"project": project, "at": time.time(), "text": text})
-        del self.notices[:-50]
+        with self._table_lock:
+            self.notices.append({"project": project, "at": time.time(), "text": text})
+            del self.notices[:-50]
 
     # ------------------------------------------------------------ heartbeats
 
     def unflushed(self, project: str) -> int:
         return CacheStore.dirty_bytes_of(self.cache_dir, project)
 
-    def _heartbeat(self) -> None:
-        live = self._live_leases()
+    def _heartbeat_loop(self) -> None:
+        client = Client(self.settings.broker, timeout=self.settings.request_timeout)
+        try:
+            next_beat = 0.0
+            while not self._stopping.is_set():
+                live = self._live_leases()
+                if not live:
+                    self._renew_now.wait(0.5)
+                    self._renew_now.clear()
+                    continue
+                interval = min(protocol.heartbeat_interval(lease.ttl) for lease in live)
+                wait = next_beat - time.monotonic()
+                if wait > 0:
+                    self._renew_now.wait(wait)  # a new lease wakes it early
+                self._renew_now.clear()
+                if self._stopping.is_set():
+                    return
+                next_beat = time.monotonic() + interval
+                self._heartbeat(client, self._live_leases(), interval)
+        finally:
+            client.close()
+
+    def _heartbeat(self, client: Client, live: list[HeldLease], interval: float) -> None:
+        if not live:
+            return
         now = time.monotonic()
-        interval = min(protocol.heartbeat_interval(lease.ttl) for lease in live)
-        self._next_heartbeat = now + interval
         items = [
             {"project": lease.project, "token": lease.token, "unflushed": self.unflushed(lease.project)}
             for lease in live
         ]
         try:
-            reply = self.broker.call_ok(
-                Op.RENEW, holder=self.holder.to_json(), leases=items, timeout=interval
-            )
+            reply = client.call_ok(Op.RENEW, holder=self.holder.to_json(), leases=items, timeout=interval)
         except GuardError as exc:
             for lease in live:
                 # Past its TTL without a renewal the broker may have let the lease go: say so
@@ -186,31 +231,104 @@ class Agent:
                 if now - lease.last_renewed > lease.ttl and lease.state == "held":
                     lease.state, lease.reason = "uncertain", str(exc)
                     self._notice(lease.project, f"cannot reach the broker to renew: {exc}")
+                    self._save()
             return
         changed = False
-        for result in reply["results"]:
-            held = self.leases.get(result["project"])
-            if held is None:
-                continue
-            if result["ok"]:
-                held.state, held.reason, held.last_renewed = "held", "", now
-                held.ttl = float(result["ttl"])
-                if result.get("takeover_by") and held.takeover_by != result["takeover_by"]:
-                    held.takeover_by = result["takeover_by"]
-                    self._hand_over(held)
+        with self._table_lock:
+            for result in reply["results"]:
+                held = self.leases.get(result["project"])
+                if held is None or held.state == "lost":
+                    continue
+                if result["ok"]:
+                    if held.state != "held":
+                        changed = True
+                    held.state, held.reason, held.last_renewed = "held", "", now
+                    held.ttl = float(result["ttl"])
+                    if result.get("takeover_by") and held.takeover_by != result["takeover_by"]:
+                        held.takeover_by = result["takeover_by"]
+                        self._notice(
+                            held.project, f"takeover requested by {held.takeover_by}; flushing and releasing"
+                        )
+                        self._work.put(functools.partial(self._hand_over, held))
+                else:
+                    held.state = "lost"
+                    held.reason = _describe_loss(result)
+                    self._notice(held.project, f"lease lost: {held.reason}")
+                    self._work.put(functools.partial(self._set_aside, held))
                     changed = True
-            else:
-                held.state = "lost"
-                held.reason = _describe_loss(result)
-                self._notice(held.project, f"lease lost: {held.reason}")
-                changed = True
         if changed:
             self._save()
 
+    # ------------------------------------------------------------ long work
+
+    def _do_work(self) -> None:
+        while True:
+            try:
+                job = self._work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                job()
+            except Exception:
+                log.exception("background work failed")
+
+    def _flush_due(self) -> None:
+        """The periodic flush: every flush_interval, whatever is dirty goes to the store."""
+        now = time.monotonic()
+        for lease in self._live_leases():
+            if lease.state == "held" and now - lease.last_flush >= self.settings.flush_interval:
+                lease.last_flush = now
+                if self.unflushed(lease.project):
+                    self._flush(lease)
+
+    def _flush(self, lease: HeldLease) -> FlushResult | None:
+        try:
+            result = flushing.flush_project(
+                self.cache_dir, lease.as_project(), lease.token, writer=self._writer()
+            )
+        except Fenced as exc:
+            with self._table_lock:
+                lease.state, lease.reason = "lost", "a newer writer's token fenced this host's flush"
+            self._notice(lease.project, f"flush refused, data kept aside: {exc}")
+            self._save()
+            return None
+        except GuardError as exc:
+            self._notice(lease.project, f"flush failed, will retry: {exc}")
+            return None
+        if result.records:
+            log.info(
+                "%s: flushed %d records (%d bytes) as generation %d",
+                lease.project,
+                result.records,
+                result.bytes,
+                result.generation,
+            )
+        return result
+
     def _hand_over(self, lease: HeldLease) -> None:
-        """Another host asked for a takeover: give the lease up so the broker can grant it."""
-        self._notice(lease.project, f"takeover requested by {lease.takeover_by}; releasing")
-        self._release(lease.project)
+        """Another host asked for a takeover: flush, then give the lease up."""
+        if self._flush(lease) is None and self.unflushed(lease.project):
+            self._notice(
+                lease.project, "not releasing for the takeover: the flush failed and data is unflushed"
+            )
+            return
+        try:
+            self._release(lease.project)
+        except GuardError as exc:
+            self._notice(lease.project, f"release for the takeover failed: {exc}")
+
+    def _set_aside(self, lease: HeldLease) -> None:
+        """A lost lease's unflushed data must neither be flushed over the new writer nor deleted."""
+        with flushing.flush_lock(self.cache_dir, lease.project):
+            dirty = self.unflushed(lease.project)
+            if dirty:
+                where = flushing.set_aside(self.cache_dir, lease.project, lease.token, lease.reason)
+                self._notice(
+                    lease.project, f"kept {dirty} unflushed bytes aside in {where}; see `dbguard recover`"
+                )
+
+    def _writer(self) -> dict[str, str]:
+        return {"host": self.holder.host, "user": self.holder.user}
 
     # ----------------------------------------------------------- local calls
 
@@ -244,20 +362,20 @@ class Agent:
                 )
                 return protocol.reply_ok(req_id, **result)
             if op == AgentOp.RELEASE:
-                return protocol.reply_ok(req_id, **self._release(str(request["project"])))
+                return protocol.reply_ok(req_id, **self._flush_and_release(str(request["project"])))
             if op == AgentOp.LEASES:
-                return protocol.reply_ok(
-                    req_id,
-                    leases=[lease.public() for lease in self.leases.values()],
-                    notices=self.notices,
-                    holder=self.holder.to_json(),
-                )
+                with self._table_lock:
+                    leases = [lease.public() for lease in self.leases.values()]
+                    notices = list(self.notices)
+                return protocol.reply_ok(req_id, leases=leases, notices=notices, holder=self.holder.to_json())
             if op == AgentOp.SHUTDOWN:
                 self.stop()
                 return protocol.reply_ok(req_id)
             return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"unknown operation {op!r}")
         except LeaseHeld as exc:
             return protocol.reply_error(req_id, ErrorKind.HELD, exc.message, holder=exc.holder)
+        except Fenced as exc:
+            return protocol.reply_error(req_id, ErrorKind.INTEGRITY, exc.message)
         except GuardError as exc:
             kind = ErrorKind.UNAVAILABLE if exc.exit_code == 4 else ErrorKind.INTERNAL
             return protocol.reply_error(req_id, kind, exc.message)
@@ -279,33 +397,48 @@ class Agent:
         if reply["status"] == "queued":
             return {"status": "queued", "position": reply["position"], "holder": reply.get("holder")}
         lease = HeldLease(project.id, str(project.path), reply["token"], float(reply["ttl"]), reply["since"])
-        lease.last_renewed = time.monotonic()
-        previous = self.leases.get(project.id)
-        self.leases[project.id] = lease
-        self._save()
+        lease.last_renewed = lease.last_flush = time.monotonic()
+        with self._table_lock:
+            previous = self.leases.get(project.id)
+            self.leases[project.id] = lease
         if previous is None or previous.token != lease.token or previous.state != "held":
-            writer = {
-                "host": self.holder.host,
-                "user": self.holder.user,
-                "since": _wall_text(lease.since),
-                "token": lease.token,
-            }
-            write_writer_record(project, writer=writer, token=lease.token)
-        self._next_heartbeat = min(
-            self._next_heartbeat, time.monotonic() + protocol.heartbeat_interval(lease.ttl)
-        )
+            try:
+                # The store learns the new token at once (a fence), so an earlier holder that
+                # wakes up cannot flush over this one even before it writes anything.
+                flushing.adopt_store(self.cache_dir, project, lease.token, self._writer())
+                writer = {**self._writer(), "since": _wall_text(lease.since), "token": lease.token}
+                write_writer_record(project, writer=writer, token=lease.token)
+            except GuardError:
+                self._release(project.id)
+                raise
+        self._save()
+        self._renew_now.set()
         return {"status": "granted", **lease.public()}
 
+    def _flush_and_release(self, project_id: str) -> dict[str, Any]:
+        with self._table_lock:
+            lease = self.leases.get(project_id)
+        if lease is not None and lease.state == "held" and self.unflushed(project_id):
+            result = self._flush(lease)
+            if result is None and self.unflushed(project_id):
+                raise GuardError(
+                    "not released: this host's unflushed data could not be flushed (see `dbguard status`); "
+                    "fix the cause and run `dbguard release` again"
+                )
+        return self._release(project_id)
+
     def _release(self, project_id: str) -> dict[str, Any]:
-        lease = self.leases.get(project_id)
+        with self._table_lock:
+            lease = self.leases.get(project_id)
         if lease is None:
             return {"released": False, "reason": "this host holds no lease on that project"}
         self.broker.call_ok(Op.RELEASE, project=project_id, holder=self.holder.to_json(), token=lease.token)
-        del self.leases[project_id]
+        with self._table_lock:
+            self.leases.pop(project_id, None)
         self._save()
         if lease.state == "held":
             try:
-                write_writer_record(Project(project_id, Path(lease.path)), writer=None, token=lease.token)
+                write_writer_record(lease.as_project(), writer=None, token=lease.token)
             except OSError as exc:
                 log.warning("could not update the writer record of %s: %s", lease.path, exc)
         return {"released": True, "token": lease.token, "state": lease.state}

@@ -7,15 +7,23 @@ and raises a `GuardError` subclass on failure.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
+
+from cache import CacheStore
+from dbguard import flush as flushing
 from dbguard import local_agent
 from dbguard import project as projects
 from dbguard.client import Client
-from dbguard.errors import GuardError, LeaseHeld
+from dbguard.errors import GuardError, LeaseHeld, LeaseLost, ProjectBusy
+from dbguard.imagedb import ImageDB, writers_lock_path
+from dbguard.imagedb import open as open_imagedb
 from dbguard.protocol import AgentOp, Op
 from dbguard.settings import Settings, load
 
@@ -146,3 +154,111 @@ def break_lease(project: PathLike, *, settings: Settings | None = None) -> dict[
     with Client(settings.broker, timeout=settings.request_timeout) as broker:
         reply = broker.call_ok(Op.BREAK, project=target.id, force=True)
     return {"project": target.id, "path": str(target.path), "broken": reply["broken"]}
+
+
+def _held_lease(settings: Settings, target: projects.Project) -> dict[str, Any] | None:
+    """This host's lease on the project as its agent sees it, if the agent runs and holds one."""
+    agent = local_agent.running(settings)
+    if agent is None:
+        return None
+    with agent:
+        leases = agent.call_ok(AgentOp.LEASES)["leases"]
+    for lease in leases:
+        if lease["project"] == target.id:
+            return dict(lease)
+    return None
+
+
+def flush(
+    project: PathLike = None,
+    *,
+    settings: Settings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write this host's unflushed records of a project to the project store now."""
+    settings = _settings(settings)
+    target = projects.open_project(project)
+    cache_root = local_agent.cache_dir(settings)
+    dirty = CacheStore.dirty_bytes_of(cache_root, target.id)
+    lease = _held_lease(settings, target)
+    if lease is None or lease["state"] != "held":
+        if dirty:
+            raise LeaseLost(
+                f"{dirty} bytes of {target.path} are unflushed here but this host does not hold its writer "
+                "lease, so they cannot be flushed; `dbguard acquire` it first (they are kept either way)",
+                project=target.id,
+            )
+        return {"project": target.id, "records": 0, "bytes": 0, "generation": None}
+    writer = {"host": settings.host, "user": settings.user}
+    result = flushing.flush_project(cache_root, target, int(lease["token"]), writer=writer, progress=progress)
+    return {
+        "project": target.id,
+        "records": result.records,
+        "bytes": result.bytes,
+        "generation": result.generation,
+    }
+
+
+def local_writers(settings: Settings, target: projects.Project) -> list[dict[str, Any]]:
+    """Processes of this host that have the project open for writing."""
+    path = writers_lock_path(local_agent.cache_dir(settings), target.id)
+    if not path.exists():
+        return []
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return []  # nobody holds it shared
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    found = []
+    for process in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            if any(f.path == str(path) for f in process.open_files()):
+                found.append(
+                    {"pid": process.pid, "name": process.info["name"], "cmdline": process.info["cmdline"]}
+                )
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+    return found or [{"pid": None, "name": "unknown", "cmdline": []}]
+
+
+def clear(
+    project: PathLike = None,
+    *,
+    force: bool = False,
+    settings: Settings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The `e2bdb.py -c` equivalent: flush, verify, drop the local cache, release.
+
+    Refuses while a process of this host has the project open for writing, unless ``force``.
+    Safe to run twice: what is already done is skipped, and the result says what was done.
+    """
+    settings = _settings(settings)
+    target = projects.open_project(project)
+    cache_root = local_agent.cache_dir(settings)
+    writers = local_writers(settings, target)
+    if writers and not force:
+        names = ", ".join(f"{w['name']} (pid {w['pid']})" for w in writers)
+        raise ProjectBusy(
+            f"{target.path} is open for writing by {names} on this host; close them first, or run "
+            "`dbguard clear --force` to flush what they wrote so far and clear anyway"
+        )
+    done: dict[str, Any] = {"project": target.id, "path": str(target.path), "writers": writers}
+    done["flushed"] = flush(target.path, settings=settings, progress=progress)
+    done["verified"] = flushing.verify_cache_in_store(cache_root, target)
+    done["dropped_bytes"] = flushing.drop_cache(cache_root, target.id)
+    lease = _held_lease(settings, target)
+    done["released"] = None
+    if lease is not None:
+        done["released"] = release(target.path, settings=settings)
+    return done
+
+
+def open(  # the documented name, `dbguard.open`, shadows the builtin in this module only
+    project: PathLike, name: str, mode: str = "r", *, settings: Settings | None = None
+) -> ImageDB:
+    """Open image database ``name`` of ``project``: "r" browses, "a"/"w" write (need the lease)."""
+    return open_imagedb(project, name, mode, settings=settings)

@@ -113,3 +113,9 @@ class LeaseLost(GuardError):
         super().__init__(message)
         self.project = project
         self.reason = reason
+
+
+class ProjectBusy(GuardError):
+    """A process of this host still has the project open for writing (see `dbguard clear`)."""
+
+    exit_code = ExitCode.USAGE

@@ -1,0 +1,233 @@
+"""Image databases: the library hook for image I/O, `dbguard.open(project, name, mode)`.
+
+Mode ``"r"`` browses: no lease is needed, records come from the newest whole generation of the
+project store (plus this host's own unflushed writes when it is the writer). Modes ``"a"`` and
+``"w"`` write, and need this host's writer lease: records land in the node-local cache and reach
+the project store when the agent flushes. Both writing modes append or overwrite records by
+index; neither truncates a database (image stacks are never emptied by opening them).
+
+Reading: ``db[i]`` returns an array that stays valid (a read-only view of a verified local
+segment copy, or a copy of a cached record). For zero-copy reads of cached records, use
+``with db.reading() as view: view[i]``; those arrays are valid only inside the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cache import CacheError, CacheStore, Reader
+from dbguard import local_agent
+from dbguard import project as projects
+from dbguard.errors import GuardError, UsageError
+from dbguard.flush import LOCKS
+from dbguard.project_store import ProjectStore
+from dbguard.settings import Settings, load
+from dbguard.store_view import StoreView
+from dbguard.writer_guard import WriterGuard
+
+MODES = ("r", "a", "w")
+
+
+def writers_lock_path(cache_root: Path, project_id: str) -> Path:
+    """Held shared by every process that has the project open for writing (see `clear`)."""
+    return cache_root / LOCKS / f"{project_id}.writers"
+
+
+def open(  # the documented API name, `dbguard.open`, shadows the builtin here only
+    project: str | Path | None, name: str, mode: str = "r", *, settings: Settings | None = None
+) -> ImageDB:
+    """Open image database ``name`` of ``project`` (see the module docstring for modes)."""
+    if mode not in MODES:
+        raise UsageError(f"mode {mode!r} is not one of {', '.join(repr(m) for m in MODES)}")
+    if not name or "\x00" in name or len(name) > 200:
+        raise UsageError(f"database name {name!r} must be 1 to 200 characters with no NUL")
+    return ImageDB(projects.open_project(project), name, mode, settings or load())
+
+
+class ImageDB:
+    def __init__(self, project: projects.Project, name: str, mode: str, settings: Settings) -> None:
+        self.project = project
+        self.name = name
+        self.mode = mode
+        self._cache_root = local_agent.cache_dir(settings)
+        self._view = StoreView(ProjectStore(project.path, project.id), self._cache_root)
+        self._guard = WriterGuard(self._cache_root, project)
+        self._cache: CacheStore | None = None
+        self._writers_fd: int | None = None
+        if mode != "r":
+            self._guard.check()
+            self._open_cache()
+            self._writers_fd = self._hold_writers_lock()
+            assert self._cache is not None
+            self._cache.raise_count(name, self._view.count(name))
+        else:
+            with contextlib.suppress(GuardError):
+                self._guard.check()
+                self._open_cache()  # this host writes the project: show its unflushed records
+
+    def _open_cache(self) -> None:
+        try:
+            self._cache = CacheStore(self._cache_root, self.project.id)
+        except CacheError as exc:
+            raise GuardError(str(exc)) from exc
+
+    def _hold_writers_lock(self) -> int:
+        path = writers_lock_path(self._cache_root, self.project.id)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    # ------------------------------------------------------------- reading
+
+    def __len__(self) -> int:
+        count = self._view.count(self.name)
+        if self._cache is not None:
+            count = max(count, self._cache.count(self.name))
+        return count
+
+    def _position(self, index: int) -> int:
+        size = len(self)
+        position = index + size if index < 0 else index
+        if not 0 <= position < size:
+            raise IndexError(f"record {index} is out of range for {self.name!r} ({size} records)")
+        return position
+
+    def __getitem__(self, index: int) -> NDArray[Any]:
+        position = self._position(index)
+        if self._cache is not None:
+            with contextlib.suppress(KeyError):
+                return self._cache.get(self.name, position)
+        entry = self._view.entry(self.name, position)
+        if entry is None:
+            raise IndexError(f"record {position} of {self.name!r} was never written")
+        return self._view.array(entry)
+
+    def attrs(self, index: int) -> dict[str, Any]:
+        position = self._position(index)
+        if self._cache is not None:
+            with contextlib.suppress(KeyError):
+                return _decode_attrs(self._cache.attrs(self.name, position))
+        entry = self._view.entry(self.name, position)
+        if entry is None:
+            raise IndexError(f"record {position} of {self.name!r} was never written")
+        return self._view.attrs(entry)
+
+    def __iter__(self) -> Iterator[NDArray[Any]]:
+        for position in range(len(self)):
+            yield self[position]
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[_Snapshot]:
+        """Zero-copy reads of one consistent snapshot; arrays are valid inside the block only."""
+        if self._cache is None:
+            yield _Snapshot(self, None)
+            return
+        with self._cache.reader() as reader:
+            yield _Snapshot(self, reader)
+
+    def refresh(self) -> bool:
+        """Browse the newest generation of the project store; True if there was a newer one."""
+        return self._view.refresh()
+
+    @property
+    def generation(self) -> int:
+        return self._view.generation
+
+    # ------------------------------------------------------------- writing
+
+    def _writable(self) -> CacheStore:
+        if self.mode == "r" or self._cache is None:
+            raise UsageError(f"{self.name!r} of {self.project.path} is open read-only (mode 'r')")
+        self._guard.check()
+        return self._cache
+
+    def append(self, array: NDArray[Any], attrs: dict[str, Any] | None = None) -> int:
+        """Add a record after the last one; returns its index."""
+        return self._writable().append(self.name, _checked(array), _encode_attrs(attrs))
+
+    def __setitem__(self, index: int, array: NDArray[Any]) -> None:
+        position = index + len(self) if index < 0 else index
+        if position < 0:
+            raise IndexError(f"record {index} is out of range for {self.name!r}")
+        cache = self._writable()
+        keep = b""
+        with contextlib.suppress(KeyError, IndexError):
+            keep = _encode_attrs(self.attrs(position))
+        cache.put(self.name, position, _checked(array), keep)
+
+    def set_attrs(self, index: int, attrs: dict[str, Any]) -> None:
+        position = self._position(index)
+        cache = self._writable()
+        cache.put(self.name, position, np.ascontiguousarray(self[position]), _encode_attrs(attrs))
+
+    # ----------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        if self._writers_fd is not None:
+            os.close(self._writers_fd)
+            self._writers_fd = None
+        self._view.close()
+
+    def __enter__(self) -> ImageDB:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<dbguard ImageDB {self.name!r} of {self.project.path} mode {self.mode!r}>"
+
+
+class _Snapshot:
+    def __init__(self, db: ImageDB, reader: Reader | None) -> None:
+        self._db = db
+        self._reader = reader
+
+    def __getitem__(self, index: int) -> NDArray[Any]:
+        position = self._db._position(index)
+        if self._reader is not None:
+            with contextlib.suppress(KeyError):
+                return self._reader.array(self._db.name, position)
+        return self._db[position]
+
+
+def _checked(array: NDArray[Any]) -> NDArray[Any]:
+    if not isinstance(array, np.ndarray):
+        raise UsageError(f"records must be numpy arrays, not {type(array).__name__}")
+    if array.dtype.hasobject:
+        raise UsageError(f"records must have a plain numeric dtype, not {array.dtype}")
+    return array
+
+
+def _encode_attrs(attrs: dict[str, Any] | None) -> bytes:
+    if not attrs:
+        return b""
+    if not isinstance(attrs, dict):
+        raise UsageError(f"attrs must be a dict, not {type(attrs).__name__}")
+    try:
+        return json.dumps(attrs, separators=(",", ":"), allow_nan=True).encode()
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"attrs must be JSON-serialisable (numbers, strings, lists, dicts): {exc}") from exc
+
+
+def _decode_attrs(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    return value if isinstance(value, dict) else {}
