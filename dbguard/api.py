@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
 
-from cache import CacheStore
+from cache import CacheStore, UnsafeCacheLocation, check_not_network
 from dbguard import flush as flushing
 from dbguard import local_agent
 from dbguard import project as projects
+from dbguard.agent import LEASES_NAME
 from dbguard.client import Client
-from dbguard.errors import GuardError, LeaseHeld, LeaseLost, ProjectBusy
+from dbguard.errors import GuardError, LeaseHeld, LeaseLost, ProjectBusy, UnsafeCachePath, UsageError
 from dbguard.imagedb import ImageDB, writers_lock_path
 from dbguard.imagedb import open as open_imagedb
+from dbguard.project_store import ProjectStore
 from dbguard.protocol import AgentOp, Op
 from dbguard.settings import Settings, load
+from dbguard.store_view import StoreView
 
 # How often a queued acquire asks again; well inside a TTL, so the queue slot stays alive.
 _POLL = 0.2
@@ -262,3 +267,129 @@ def open(  # the documented name, `dbguard.open`, shadows the builtin in this mo
 ) -> ImageDB:
     """Open image database ``name`` of ``project``: "r" browses, "a"/"w" write (need the lease)."""
     return open_imagedb(project, name, mode, settings=settings)
+
+
+def browse(project: PathLike, *, settings: Settings | None = None) -> dict[str, Any]:
+    """What a project holds, read-only from any host: databases, counts, shapes, generation,
+    writer, how much unflushed data the writer has, and when it last flushed."""
+    settings = _settings(settings)
+    target = projects.open_project(project)
+    store = ProjectStore(target.path, target.id)
+    view = StoreView(store, local_agent.cache_dir(settings))
+    try:
+        manifest = view.manifest
+        databases = []
+        for name in view.databases():
+            shapes: dict[str, int] = {}
+            dtypes: set[str] = set()
+            for (db, _), entry in view.entries().items():
+                if db == name:
+                    key = "x".join(str(n) for n in entry.shape) or "scalar"
+                    shapes[key] = shapes.get(key, 0) + 1
+                    dtypes.add(np.dtype(entry.dtype).name)
+            databases.append(
+                {"name": name, "count": view.count(name), "shapes": shapes, "dtypes": sorted(dtypes)}
+            )
+    finally:
+        view.close()
+    writer: dict[str, Any] | None = None
+    lease_state = None
+    try:
+        with Client(settings.broker, timeout=settings.request_timeout) as broker:
+            state = broker.call_ok(Op.STATUS, project=target.id)["projects"][0]
+        lease_state, writer = state["state"], state["writer"]
+    except GuardError:
+        record = projects.read_writer_record(target).get("writer")
+        writer = dict(record) if record else None
+    return {
+        "project": target.id,
+        "path": str(target.path),
+        "generation": manifest.generation,
+        "token": manifest.token,
+        "last_flush": manifest.created or None,
+        "last_flush_by": manifest.writer or None,
+        "databases": databases,
+        "lease_state": lease_state,
+        "writer": writer,
+    }
+
+
+def ls(project: PathLike, db: str | None = None, *, settings: Settings | None = None) -> dict[str, Any]:
+    """The databases of a project, or the records of one database, from the newest generation."""
+    settings = _settings(settings)
+    target = projects.open_project(project)
+    view = StoreView(ProjectStore(target.path, target.id), local_agent.cache_dir(settings))
+    try:
+        if db is None:
+            items = [{"name": name, "count": view.count(name)} for name in view.databases()]
+            return {"project": target.id, "generation": view.generation, "databases": items}
+        if db not in view.databases():
+            known = ", ".join(view.databases()) or "none yet"
+            raise UsageError(f"{target.path} has no database {db!r} (it has: {known})")
+        records = [
+            {"index": index, "dtype": np.dtype(e.dtype).name, "shape": list(e.shape), "attrs": view.attrs(e)}
+            for (name, index), e in sorted(view.entries().items())
+            if name == db
+        ]
+        return {"project": target.id, "generation": view.generation, "database": db, "records": records}
+    finally:
+        view.close()
+
+
+def verify(project: PathLike) -> dict[str, Any]:
+    """Check every manifest and every record's checksum; ``problems`` lists what is damaged."""
+    target = projects.open_project(project)
+    store = ProjectStore(target.path, target.id)
+    problems = list(store.verify())
+    manifest = None
+    with contextlib.suppress(GuardError):
+        manifest = store.latest()
+    return {
+        "project": target.id,
+        "path": str(target.path),
+        "generation": manifest.generation if manifest else None,
+        "records": sum(int(s.get("records", 0)) for s in manifest.segments.values()) if manifest else 0,
+        "problems": problems,
+    }
+
+
+def recover(*, export: Path | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """List the data of lost leases kept aside in this host's cache; optionally export it as
+    .npy files (one per record, with its attrs in a .json beside it)."""
+    settings = _settings(settings)
+    cache_root = local_agent.cache_dir(settings)
+    found = []
+    for aside in flushing.list_aside(cache_root):
+        item: dict[str, Any] = {
+            "project": aside.project,
+            "label": aside.label,
+            "path": str(aside.path),
+            "dirty_bytes": aside.dirty_bytes,
+            "reason": aside.reason,
+        }
+        if export is not None:
+            item["exported"] = flushing.export_aside(aside, export / aside.label)
+        found.append(item)
+    return {"cache": str(cache_root), "aside": found}
+
+
+def cached_projects(settings: Settings | None = None) -> list[Path]:
+    """The project directories this host has a cache or a lease for (for `clear --all`)."""
+    settings = _settings(settings)
+    cache_root = local_agent.cache_dir(settings)
+    paths: dict[str, Path] = {}
+    try:
+        for lease in json.loads((cache_root / LEASES_NAME).read_text()):
+            paths[lease["project"]] = Path(lease["path"])
+    except (OSError, ValueError):
+        pass
+    return list(paths.values())
+
+
+def check_cache(path: Path) -> dict[str, str]:
+    """Where the cache at ``path`` would live; raise UnsafeCachePath if it may not."""
+    try:
+        mount = check_not_network(path)
+    except UnsafeCacheLocation as exc:
+        raise UnsafeCachePath(str(exc), path=exc.path, fstype=exc.fstype) from exc
+    return {"path": str(path), "fstype": mount.fstype, "source": mount.source, "mountpoint": mount.mountpoint}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -361,6 +362,170 @@ def break_command(settings: Settings, project: Path, force: bool, as_json: bool)
             "stranded there: its agent keeps them aside when it returns"
         )
     _emit(as_json, result, text)
+
+
+@contextlib.contextmanager
+def _progress(as_json: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on a terminal; nothing with --json or when output is not a terminal."""
+    if as_json or not sys.stderr.isatty():
+        yield None
+        return
+    bar: Any = None
+    shown = 0
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar, shown
+        if bar is None:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+            bar.__enter__()
+        bar.update(done - shown)
+        shown = done
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@_json_option
+@_common
+def flush(settings: Settings, project: Path | None, as_json: bool) -> None:
+    """Write this host's unflushed records of PROJECT to the shared project store now."""
+    with _progress(as_json, "flushing") as progress:
+        result = api.flush(project, settings=settings, progress=progress)
+    text = (
+        f"flushed {result['records']} records ({_size(result['bytes'])}) as generation {result['generation']}"
+        if result["records"]
+        else "nothing to flush"
+    )
+    _emit(as_json, result, text)
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@click.option("--all", "every", is_flag=True, help="Clear every project this host has in its cache.")
+@click.option("--force", is_flag=True, help="Clear even while local processes have it open for writing.")
+@_json_option
+@_common
+def clear(settings: Settings, project: Path | None, every: bool, force: bool, as_json: bool) -> None:
+    """Before switching machines: flush, verify, drop the local cache, release (like e2bdb.py -c)."""
+    if every and project is not None:
+        raise UsageError("give a PROJECT or --all, not both")
+    targets = api.cached_projects(settings) if every else [project]
+    results = []
+    for target in targets:
+        with _progress(as_json, "flushing") as progress:
+            results.append(api.clear(target, force=force, settings=settings, progress=progress))
+    lines = []
+    for done in results:
+        flushed = done["flushed"]
+        released = done["released"]
+        lines.append(
+            f"cleared {done['path']}: flushed {flushed['records']} records, verified {done['verified']}, "
+            f"dropped {_size(done['dropped_bytes'])} of cache, "
+            + (
+                f"released token {released['token']}"
+                if released and released.get("released")
+                else "no lease to release"
+            )
+        )
+    _emit(as_json, results if every else results[0], "\n".join(lines) or "nothing to clear")
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path))
+@_json_option
+@_common
+def browse(settings: Settings, project: Path, as_json: bool) -> None:
+    """Show what PROJECT holds, read-only, from any host (no lease needed)."""
+    info = api.browse(project, settings=settings)
+    lines = [f"project {info['path']}", f"  generation {info['generation']} (token {info['token']})"]
+    if info["last_flush"]:
+        by = info["last_flush_by"] or {}
+        lines.append(
+            f"  last flush {_when(info['last_flush'])}"
+            + (f" by {by.get('user')} on {by.get('host')}" if by else "")
+        )
+    writer = info["writer"]
+    if writer:
+        ahead = _size(writer.get("unflushed", 0)) if "unflushed" in writer else "unknown"
+        lines.append(
+            f"  writer     {writer['user']} on {writer['host']} (token {writer['token']}), "
+            f"{ahead} unflushed ahead"
+        )
+    else:
+        lines.append("  writer     none")
+    for db in info["databases"]:
+        shapes = ", ".join(f"{shape} x{count}" for shape, count in db["shapes"].items())
+        lines.append(f"  {db['name']:<20} {db['count']:>8} records  {'/'.join(db['dtypes'])}  {shapes}")
+    if not info["databases"]:
+        lines.append("  no databases flushed yet")
+    _emit(as_json, info, "\n".join(lines))
+
+
+@main.command(name="ls")
+@click.argument("project", type=click.Path(path_type=Path))
+@click.argument("db", required=False)
+@_json_option
+@_common
+def ls_command(settings: Settings, project: Path, db: str | None, as_json: bool) -> None:
+    """List the databases of PROJECT, or the records of DB (read-only, from any host)."""
+    info = api.ls(project, db, settings=settings)
+    if db is None:
+        lines = [f"{item['name']}\t{item['count']}" for item in info["databases"]] or ["no databases yet"]
+    else:
+        lines = [
+            f"{r['index']}\t{r['dtype']}\t{'x'.join(map(str, r['shape']))}\t{json.dumps(r['attrs'])}"
+            for r in info["records"]
+        ]
+    _emit(as_json, info, "\n".join(lines))
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path))
+@_json_option
+def verify(project: Path, as_json: bool) -> None:
+    """Check every checksum of PROJECT's store; exit code 6 if anything is damaged."""
+    result = api.verify(project)
+    if result["problems"]:
+        _emit(as_json, result, "\n".join(f"damaged: {p}" for p in result["problems"]))
+        sys.exit(int(ExitCode.INTEGRITY))
+    _emit(
+        as_json,
+        result,
+        f"ok: generation {result['generation']}, {result['records']} records, all checksums match",
+    )
+
+
+@main.command()
+@click.option("--export", type=click.Path(path_type=Path), help="Write the kept records here as .npy files.")
+@_json_option
+@_common
+def recover(settings: Settings, export: Path | None, as_json: bool) -> None:
+    """List (and export) unflushed data of lost leases that this host kept aside."""
+    result = api.recover(export=export, settings=settings)
+    lines = [
+        f"{item['label']}: {_size(item['dirty_bytes'])} unflushed, {item['reason']}"
+        + (f"; exported {item['exported']} records" if "exported" in item else "")
+        for item in result["aside"]
+    ] or ["nothing kept aside on this host"]
+    _emit(as_json, result, "\n".join(lines))
+
+
+@main.command(name="check-cache")
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@_json_option
+@_common
+def check_cache(settings: Settings, path: Path | None, as_json: bool) -> None:
+    """Check that PATH (default: the configured cache) may hold the cache; exit code 5 if not."""
+    target = path or settings.cache
+    mount = api.check_cache(target)
+    _emit(
+        as_json, mount, f"ok: {target} is on {mount['fstype']} ({mount['source']} at {mount['mountpoint']})"
+    )
 
 
 def _holder_text(item: dict[str, Any]) -> str:

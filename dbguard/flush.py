@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cache import CacheStore
 from dbguard.errors import Fenced, IntegrityError
 from dbguard.project import Project
@@ -212,3 +214,22 @@ def drop_cache(cache_root: Path, project_id: str) -> int:
         CacheStore.drop(cache_root, project_id)
         shutil.rmtree(cache_root / SEGMENT_CACHE / project_id, ignore_errors=True)
     return freed
+
+
+def export_aside(aside: Aside, target: Path) -> int:
+    """Write every record kept aside as ``<db>/<index>.npy`` (+ ``.json`` attrs); return the count."""
+    exported = 0
+    with CacheStore(aside.path, aside.project) as cache, cache.reader() as reader:
+        for db in reader.databases():
+            folder = target / db.replace("/", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(reader.count(db)):
+                try:
+                    record = reader.record(db, index)
+                except KeyError:
+                    continue
+                np.save(folder / f"{index:08d}.npy", record.array())
+                if record.attrs:
+                    (folder / f"{index:08d}.json").write_bytes(bytes(record.attrs))
+                exported += 1
+    return exported

@@ -44,7 +44,12 @@ def hosts(tmp_path: Path, broker: BrokerProcess, request: pytest.FixtureRequest)
     """Simulated hosts a, b and c, each with its own hostname, cache and agent."""
     if _WHY_NO_HOSTS:
         pytest.skip(f"simulated hosts need Linux namespaces: {_WHY_NO_HOSTS}")
-    made = {name: Host(f"host-{name}", tmp_path / "hosts", broker) for name in ("a", "b", "c")}
+    # Agents flush only when told to unless a test shortens this; periodic flushes would make
+    # "unflushed" figures depend on timing.
+    made = {
+        name: Host(f"host-{name}", tmp_path / "hosts", broker, flush_interval="3600")
+        for name in ("a", "b", "c")
+    }
     yield made
     for host in made.values():
         host.stop()

@@ -61,9 +61,21 @@ class BrokerProcess:
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            PYTHON, "-m", "dbguard", "broker", "--address", self.address, "--state", str(self.state_dir),
-            "--ttl", str(self.ttl), "--lock-delay", str(self.lock_delay), "--grace", str(self.grace),
-        ]  # fmt: skip
+            PYTHON,
+            "-m",
+            "dbguard",
+            "broker",
+            "--address",
+            self.address,
+            "--state",
+            str(self.state_dir),
+            "--ttl",
+            str(self.ttl),
+            "--lock-delay",
+            str(self.lock_delay),
+            "--grace",
+            str(self.grace),
+        ]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.wait_ready()
@@ -134,28 +146,60 @@ class Host:
             **{f"DBGUARD_{key.upper()}": value for key, value in settings.items()},
         }
 
+    def on_host(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run on this host: unshare gives it (and any agent it starts) a UTS namespace
+        of its own; the shell names the host and then becomes the command."""
+        return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.name, *argv]
+
     def command(self, args: Sequence[str]) -> list[str]:
-        # unshare gives the command (and the agent it may start) a UTS namespace of its own;
-        # the shell names the host and then becomes the command.
-        return [
-            "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.name,
-            PYTHON, "-m", "dbguard", *args,
-        ]  # fmt: skip
+        return self.on_host([PYTHON, "-m", "dbguard", *args])
 
     def run(
         self, *args: str, timeout: float = 60.0, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run `dbguard ARGS` on this host and return its result (never raises on exit codes)."""
         return subprocess.run(
-            self.command(args), env=self.env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-            stdin=subprocess.DEVNULL, check=False,
-        )  # fmt: skip
+            self.command(args),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def python(self, script: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run a Python script on this host (its hostname, cache and settings)."""
+        return subprocess.run(
+            self.on_host([PYTHON, "-c", script]),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def popen_python(self, script: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self.on_host([PYTHON, "-c", script]),
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            self.command(args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            self.command(args),
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
 
     def agent_pid(self) -> int | None:
         try:
