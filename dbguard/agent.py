@@ -296,6 +296,13 @@ class Agent:
             self._notice(lease.project, f"flush failed, will retry: {exc}")
             return None
         if result.records:
+            try:
+                if flushing.maintain_store(
+                    lease.as_project(), lease.token, self._writer(), self.settings.retire_delay
+                ):
+                    log.info("%s: compacted the project store", lease.project)
+            except GuardError as exc:
+                self._notice(lease.project, f"compaction failed (the data is safe): {exc}")
             log.info(
                 "%s: flushed %d records (%d bytes) as generation %d",
                 lease.project,

@@ -233,3 +233,21 @@ def export_aside(aside: Aside, target: Path) -> int:
                     (folder / f"{index:08d}.json").write_bytes(bytes(record.attrs))
                 exported += 1
     return exported
+
+
+# A store with more segments than this is compacted into one by the writer after a flush:
+# readers load every segment's index, so their number, not their size, is what costs.
+COMPACT_AFTER_SEGMENTS = 32
+
+
+def maintain_store(project: Project, token: int, writer: dict[str, str], retire_delay: float) -> bool:
+    """Compact the store when it has many segments, and delete segments retired long enough
+    ago; True if it compacted. Only the writer does this, under its token."""
+    store = ProjectStore(project.path, project.id)
+    manifest = store.latest()
+    if len(manifest.segments) > COMPACT_AFTER_SEGMENTS:
+        store.compact(token=token, retire_delay=retire_delay, writer=writer)
+        return True
+    if manifest.retired:
+        store.delete_retired(manifest, retire_delay)
+    return False

@@ -46,6 +46,7 @@ class Settings:
     lock_delay: float = 5.0  # seconds a cleanly expired lease stays blocked
     grace: float = 0.0  # seconds after a broker restart; 0 means one TTL
     flush_interval: float = 30.0  # seconds between the agent's periodic flushes
+    retire_delay: float = 600.0  # seconds a compacted-away segment stays for readers of old manifests
     request_timeout: float = 5.0  # seconds to wait for the broker or agent to answer
 
     @property
@@ -61,7 +62,7 @@ class Settings:
         return getpass.getuser()
 
 
-_FLOATS = {"ttl", "lock_delay", "grace", "flush_interval", "request_timeout"}
+_FLOATS = {"ttl", "lock_delay", "grace", "flush_interval", "retire_delay", "request_timeout"}
 _PATHS = {"cache", "keys", "state"}
 NAMES = tuple(f.name for f in fields(Settings))
 
