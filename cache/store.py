@@ -724,7 +724,13 @@ class CacheStore:
 
 
 def _read_dirty_bytes(path: Path) -> int:
-    env = _open_env(path, DEFAULT_MAP_SIZE, readonly=True)
+    if (path / _DATA_FILE).stat().st_size == 0:
+        # Its creator died before LMDB wrote the first pages: nothing was ever committed.
+        return 0
+    try:
+        env = _open_env(path, DEFAULT_MAP_SIZE, readonly=True)
+    except lmdb.Error as exc:
+        raise CacheCorrupt(str(path), f"cannot open read-only: {exc}") from exc
     try:
         with _translate(path):
             try:

