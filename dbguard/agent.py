@@ -145,6 +145,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._renew_now.set()  # wake the heartbeat thread instead of waiting out its interval
 
     def _live_leases(self) -> list[HeldLease]:
         with self._table_lock:

@@ -198,9 +198,16 @@ class _Snapshot:
     def __init__(self, db: ImageDB, reader: Reader | None) -> None:
         self._db = db
         self._reader = reader
+        # One snapshot, one length: asking the cache per record would cost a transaction each.
+        self._length = len(db)
+
+    def __len__(self) -> int:
+        return self._length
 
     def __getitem__(self, index: int) -> NDArray[Any]:
-        position = self._db._position(index)
+        position = index + self._length if index < 0 else index
+        if not 0 <= position < self._length:
+            raise IndexError(f"record {index} is out of range ({self._length} records)")
         if self._reader is not None:
             with contextlib.suppress(KeyError):
                 return self._reader.array(self._db.name, position)

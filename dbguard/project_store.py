@@ -31,7 +31,6 @@ import socket
 import struct
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,10 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+# zlib-ng computes the same CRC-32 as zlib (the format is unchanged) about four times faster;
+# checksumming was a fifth of a flush's time.
+from zlib_ng.zlib_ng import crc32
 
 from dbguard.errors import Fenced, GuardError, IntegrityError
 
@@ -162,11 +165,11 @@ class FlushResult:
 
 
 def _crc_json(body: dict[str, Any]) -> int:
-    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def record_crc(payload: memoryview | bytes, attrs: str) -> int:
-    return zlib.crc32(attrs.encode(), zlib.crc32(payload))
+    return crc32(attrs.encode(), crc32(payload))
 
 
 class ProjectStore:
@@ -243,7 +246,7 @@ class ProjectStore:
                 raise IntegrityError(f"segment {path} has a damaged trailer", path=str(path))
             handle.seek(offset)
             raw = handle.read(length)
-        if zlib.crc32(raw) != crc:
+        if crc32(raw) != crc:
             raise IntegrityError(f"segment {path} has a damaged index (checksum mismatch)", path=str(path))
         return [Entry.from_json(name, item) for item in json.loads(raw)]
 
@@ -370,7 +373,7 @@ class ProjectStore:
                         progress(length)
                 index = json.dumps([e.to_json() for e in entries], separators=(",", ":")).encode()
                 handle.write(index)
-                handle.write(_TRAILER.pack(_MAGIC, FORMAT, offset, len(index), zlib.crc32(index)))
+                handle.write(_TRAILER.pack(_MAGIC, FORMAT, offset, len(index), crc32(index)))
                 handle.flush()
                 os.fsync(handle.fileno())
                 size = handle.tell()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -65,7 +66,7 @@ class StoreView:
     def array(self, entry: Entry) -> NDArray[Any]:
         """A read-only, zero-copy view of the record in the verified local copy."""
         mapped = self._map(entry.segment)
-        count = int(np.prod(entry.shape, dtype=np.int64))
+        count = math.prod(entry.shape)
         return np.frombuffer(mapped, dtype=np.dtype(entry.dtype), count=count, offset=entry.offset).reshape(
             entry.shape
         )
