@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -88,12 +89,17 @@ def _unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _mount_of(mount_point: Path) -> tuple[str, str] | None:
+def _mount_of(mount_point: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
     """(fstype, source) of the topmost mount at ``mount_point``, read from mountinfo (no stat(2),
-    which could hang on a dead FUSE server)."""
+    which could hang on a dead FUSE server). ``mountinfo`` of another process reads the mount
+    table of its mount namespace."""
     target = os.path.realpath(mount_point)
     found: tuple[str, str] | None = None
-    with open("/proc/self/mountinfo") as handle:
+    try:
+        handle = open(mountinfo)  # noqa: SIM115  # closed by the with below
+    except FileNotFoundError:
+        return None  # the namespace's last process is gone, and its mounts with it
+    with handle:
         for line in handle:
             left, _, right = line.partition(" - ")
             fields = left.split()
@@ -143,24 +149,39 @@ def _end(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 class Mount:
     """One sshfs mount of ``remote_dir`` at ``mount_point``, served by a foreground sshfs process."""
 
-    def __init__(self, server: SshServer, remote_dir: Path, mount_point: Path) -> None:
+    def __init__(
+        self,
+        server: SshServer,
+        remote_dir: Path,
+        mount_point: Path,
+        *,
+        enter: Sequence[str] = (),
+        namespace_pid: int | None = None,
+        identity: Path | None = None,
+    ) -> None:
         self.server = server
+        # The client key as the mounting process sees it (a host with its own /tmp needs a copy).
+        self.identity = identity or server.client_key
         self.remote_dir = Path(os.path.realpath(remote_dir))
-        self.mount_point = Path(os.path.realpath(mount_point))
+        # In another mount namespace (a simulated host), the mount is made and checked there:
+        # ``enter`` prefixes every command (nsenter ...) and that process's mountinfo is read.
+        self.enter = list(enter)
+        self.mountinfo = f"/proc/{namespace_pid}/mountinfo" if namespace_pid else "/proc/self/mountinfo"
+        self.mount_point = Path(mount_point) if enter else Path(os.path.realpath(mount_point))
         self.log_path = server.workdir / f"sshfs-{self.mount_point.name}-{id(self):x}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def source(self) -> str:
         """The mount source as the mount table shows it (``user@host:/dir``)."""
-        entry = _mount_of(self.mount_point)
+        entry = _mount_of(self.mount_point, self.mountinfo)
         return entry[1] if entry else f"{self.server.user}@{self.server.host}:{self.remote_dir}"
 
     def command(self) -> list[str]:
         s = self.server
         options = ",".join(
             [
-                f"IdentityFile={s.client_key}",
+                f"IdentityFile={self.identity}",
                 "IdentitiesOnly=yes",
                 "StrictHostKeyChecking=no",
                 "UserKnownHostsFile=/dev/null",
@@ -170,15 +191,16 @@ class Mount:
             ]
         )
         return [
-            "sshfs", "-f", "-F", "/dev/null", "-p", str(s.port), "-o", options,
+            *self.enter, "sshfs", "-f", "-F", "/dev/null", "-p", str(s.port), "-o", options,
             f"{s.user}@{s.host}:{self.remote_dir}", str(self.mount_point),
         ]  # fmt: skip
 
     def start(self) -> Mount:
         if not self.remote_dir.is_dir():
             raise SshfsError(f"cannot mount {self.remote_dir}: it is not a directory")
-        self.mount_point.mkdir(parents=True, exist_ok=True)
-        if _mount_of(self.mount_point) is not None:
+        if not self.enter:  # inside a namespace, the host made its mount point itself
+            self.mount_point.mkdir(parents=True, exist_ok=True)
+        if _mount_of(self.mount_point, self.mountinfo) is not None:
             raise SshfsError(f"{self.mount_point} is already a mount point")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -195,7 +217,7 @@ class Mount:
         assert self.process is not None
         deadline = time.monotonic() + _MOUNT_TIMEOUT
         while time.monotonic() < deadline:
-            entry = _mount_of(self.mount_point)
+            entry = _mount_of(self.mount_point, self.mountinfo)
             if entry is not None and entry[0] in ("fuse.sshfs", "fuse"):
                 return
             if self.process.poll() is not None:
@@ -211,19 +233,19 @@ class Mount:
     def unmount(self) -> None:
         """Unmount (lazily if it is busy) and end the sshfs process; safe to call twice."""
         errors: list[str] = []
-        if _mount_of(self.mount_point) is not None:
+        if _mount_of(self.mount_point, self.mountinfo) is not None:
             fusermount = _fusermount()
-            attempts = [[fusermount, "-u", str(self.mount_point)]] if fusermount else []
+            attempts = [[*self.enter, fusermount, "-u", str(self.mount_point)]] if fusermount else []
             # Lazy unmount detaches a busy mount now; the kernel drops it when the last user goes.
-            attempts.append(["umount", "-l", str(self.mount_point)])
+            attempts.append([*self.enter, "umount", "-l", str(self.mount_point)])
             for command in attempts:
                 result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
-                if result.returncode == 0 and _mount_of(self.mount_point) is None:
+                if result.returncode == 0 and _mount_of(self.mount_point, self.mountinfo) is None:
                     break
                 errors.append(f"{' '.join(command)}: {result.stderr.strip()}")
         if self.process is not None:
             _end(self.process)
-        if _mount_of(self.mount_point) is not None:
+        if _mount_of(self.mount_point, self.mountinfo) is not None:
             raise SshfsError(f"could not unmount {self.mount_point}: {'; '.join(errors)}")
 
     def log(self) -> str:
@@ -358,12 +380,22 @@ class SshServer:
 
     # ------------------------------------------------------------ mounts
 
-    def mount(self, remote_dir: Path, mount_point: Path) -> Mount:
+    def mount(
+        self,
+        remote_dir: Path,
+        mount_point: Path,
+        *,
+        enter: Sequence[str] = (),
+        namespace_pid: int | None = None,
+        identity: Path | None = None,
+    ) -> Mount:
         """Mount ``remote_dir`` (a directory of this machine, served over sshd) at ``mount_point``.
 
         Use the result as a context manager; `stop` also unmounts whatever is left.
         """
-        mount = Mount(self, remote_dir, mount_point)
+        mount = Mount(
+            self, remote_dir, mount_point, enter=enter, namespace_pid=namespace_pid, identity=identity
+        )
         mount.start()
         self._mounts.append(mount)
         return mount

@@ -25,6 +25,7 @@ import psutil
 
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable
+from tools.sshfs import Mount, SshServer
 
 PYTHON = sys.executable
 
@@ -270,3 +271,213 @@ def paused(pid: int) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+class SimHost:
+    """A whole simulated host: its own hostname, a private /tmp (so its own default cache and
+    agent), and its own sshfs mount of the shared project directory at a path of its own.
+
+    An init process holds the host's UTS and mount namespaces; every command of the host joins
+    them with nsenter, so commands, the agent they start and the sshfs mount share one view.
+    Killing or pausing the host signals every process in its namespaces, sshfs included, as a
+    crash or a frozen machine would.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        broker: BrokerProcess,
+        server: SshServer,
+        shared: Path,
+        mount_path: str,
+        **settings: str,
+    ) -> None:
+        self.name = name
+        # The host's /tmp, kept across crashes and restarts like a disk-backed /tmp: the data a
+        # crashed writer had not flushed is still there when it comes back.
+        self.tmp = root / name / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp.chmod(0o1777)
+        self.broker = broker
+        self.server = server
+        self.shared = shared
+        self.project = Path(mount_path)  # where this host sees the shared project directory
+        self.env = {
+            key: value for key, value in os.environ.items() if not key.startswith(("DBGUARD_", "XDG_"))
+        }
+        self.env.update(
+            DBGUARD_BROKER=broker.address,
+            DBGUARD_REQUEST_TIMEOUT="3",
+            DBGUARD_FLUSH_INTERVAL="3600",
+            HOME="/tmp/home",
+            **{f"DBGUARD_{key.upper()}": value for key, value in settings.items()},
+        )
+        self.init: subprocess.Popen[str] | None = None
+        self.pid = 0
+        self.mount: Mount | None = None
+
+    def start(self) -> SimHost:
+        # The mount points live on a private tmpfs over /mnt, so nothing is created outside.
+        setup = (
+            f'hostname "$0" && mount --make-rprivate / && mount --bind {self.tmp} /tmp && '
+            f"mount -t tmpfs tmpfs /mnt && mkdir -p /tmp/home {self.project} && "
+            "echo $$ && exec sleep infinity"
+        )
+        self.init = subprocess.Popen(
+            ["unshare", "--uts", "--mount", "--fork", "sh", "-c", setup, self.name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        assert self.init.stdout is not None
+        line = self.init.stdout.readline().strip()
+        if not line.isdigit():
+            raise RuntimeError(
+                f"host {self.name} did not start: {self.init.stderr.read() if self.init.stderr else ''}"
+            )
+        self.pid = int(line)
+        key = self.tmp / ".sshfs-key"
+        shutil.copyfile(self.server.client_key, key)
+        key.chmod(0o600)
+        self.mount = self.server.mount(
+            self.shared,
+            self.project,
+            enter=self.enter(),
+            namespace_pid=self.pid,
+            identity=Path("/tmp/.sshfs-key"),
+        )
+        return self
+
+    def enter(self) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-u", "-m", "--"]
+
+    def path(self, inside: str | Path) -> Path:
+        """A path of this host as the test process can reach it (through /proc/PID/root)."""
+        return Path(f"/proc/{self.pid}/root") / str(inside).lstrip("/")
+
+    @property
+    def cache(self) -> Path:
+        """The host's default cache directory, as the test process reaches it."""
+        return self.tmp / "dbguard-root"
+
+    def run(
+        self, *args: str, timeout: float = 60.0, cwd: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`dbguard ARGS` on this host, in the project directory unless told otherwise."""
+        command = [
+            *self.enter(),
+            "sh",
+            "-c",
+            'cd "$0" && exec "$@"',
+            cwd or str(self.project),
+            PYTHON,
+            "-m",
+            "dbguard",
+            *args,
+        ]
+        return subprocess.run(
+            command,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def python(self, script: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.enter(), PYTHON, "-c", script],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def popen_python(self, script: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*self.enter(), PYTHON, "-c", script],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this host (those sharing the init's UTS namespace)."""
+        try:
+            mine = os.readlink(f"/proc/{self.pid}/ns/uts")
+        except OSError:
+            return []
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(OSError, psutil.Error):
+                if os.readlink(f"/proc/{process.pid}/ns/uts") == mine:
+                    found.append(process)
+        return found
+
+    def agent_pid(self) -> int | None:
+        try:
+            text = (self.cache / "agent.lock").read_text().strip()
+        except OSError:
+            return None
+        if not text.isdigit():
+            return None
+        # The lock holds the pid as the host sees it; with no pid namespace it is the same.
+        try:
+            alive = psutil.Process(int(text)).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return None
+        return int(text) if alive else None
+
+    def signal_agent(self, signum: int) -> None:
+        pid = self.agent_pid()
+        if pid is None:
+            raise RuntimeError(f"host {self.name} has no agent running")
+        os.kill(pid, signum)
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the host, as a frozen machine."""
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                process.suspend()
+
+    def resume(self) -> None:
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                process.resume()
+
+    def crash(self) -> None:
+        """SIGKILL every process of the host at once: its agent, writers, sshfs and init."""
+        victims = self.processes()
+        for process in victims:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(victims, timeout=10)
+        if self.init is not None:
+            self.init.wait(10)
+        self.mount = None
+
+    def restart(self) -> SimHost:
+        """Boot the host again after a crash: a fresh /tmp, a fresh mount."""
+        self.crash()
+        return self.start()
+
+    def agent_log(self) -> str:
+        try:
+            return (self.cache / "agent.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.pid:
+            self.resume()
+            if self.mount is not None:
+                with contextlib.suppress(Exception):
+                    self.mount.unmount()
+            self.crash()
