@@ -441,11 +441,11 @@ def clear(settings: Settings, project: Path | None, every: bool, force: bool, as
 
 
 @main.command()
-@click.argument("project", type=click.Path(path_type=Path))
+@click.argument("project", type=click.Path(path_type=Path), default=".")
 @_json_option
 @_common
 def browse(settings: Settings, project: Path, as_json: bool) -> None:
-    """Show what PROJECT holds, read-only, from any host (no lease needed)."""
+    """Show what PROJECT (default: here) holds, read-only, from any host (no lease needed)."""
     info = api.browse(project, settings=settings)
     lines = [f"project {info['path']}", f"  generation {info['generation']} (token {info['token']})"]
     if info["last_flush"]:
@@ -490,10 +490,10 @@ def ls_command(settings: Settings, project: Path, db: str | None, as_json: bool)
 
 
 @main.command()
-@click.argument("project", type=click.Path(path_type=Path))
+@click.argument("project", type=click.Path(path_type=Path), default=".")
 @_json_option
 def verify(project: Path, as_json: bool) -> None:
-    """Check every checksum of PROJECT's store; exit code 6 if anything is damaged."""
+    """Check every checksum of PROJECT's (default: here) store; exit code 6 if anything is damaged."""
     result = api.verify(project)
     if result["problems"]:
         _emit(as_json, result, "\n".join(f"damaged: {p}" for p in result["problems"]))

@@ -184,11 +184,23 @@ class ProjectStore:
     # ------------------------------------------------------------- reading
 
     def generations(self) -> list[int]:
+        """Every published generation, oldest first, including ones a stale listing hides.
+
+        A network filesystem's client may serve a directory listing from its cache (sshfs's
+        dir_cache, NFS's readdir cache) long after new manifests were published. Looking a name
+        up is not served from that listing, so after listing, the following generation numbers
+        are probed by name until one is missing: the newest generation is always found.
+        """
         try:
             names = os.listdir(self.manifests_dir)
         except FileNotFoundError:
             return []
-        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        listed = sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        probe = (listed[-1] if listed else 0) + 1
+        while self.manifest_path(probe).exists():
+            listed.append(probe)
+            probe += 1
+        return listed
 
     def manifest_path(self, generation: int) -> Path:
         return self.manifests_dir / f"{generation:012d}.json"

@@ -306,13 +306,15 @@ class SimHost:
         self.env = {
             key: value for key, value in os.environ.items() if not key.startswith(("DBGUARD_", "XDG_"))
         }
+        # Agents flush only when told to unless a setting says otherwise: periodic flushes would
+        # make "unflushed" figures depend on timing.
         self.env.update(
             DBGUARD_BROKER=broker.address,
             DBGUARD_REQUEST_TIMEOUT="3",
             DBGUARD_FLUSH_INTERVAL="3600",
             HOME="/tmp/home",
-            **{f"DBGUARD_{key.upper()}": value for key, value in settings.items()},
         )
+        self.env.update({f"DBGUARD_{key.upper()}": value for key, value in settings.items()})
         self.init: subprocess.Popen[str] | None = None
         self.pid = 0
         self.mount: Mount | None = None
