@@ -35,8 +35,7 @@ from typing import Any
 import zmq
 
 from cache import CacheError, CacheStore
-from dbguard import flush as flushing
-from dbguard import protocol
+from dbguard import flushing, protocol
 from dbguard.client import Client, error_from_reply
 from dbguard.errors import Fenced, GuardError, LeaseHeld
 from dbguard.leases import Holder

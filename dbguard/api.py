@@ -19,8 +19,7 @@ import numpy as np
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
 
 from cache import CacheStore, UnsafeCacheLocation, check_not_network
-from dbguard import flush as flushing
-from dbguard import local_agent
+from dbguard import flushing, local_agent
 from dbguard import project as projects
 from dbguard.agent import LEASES_NAME
 from dbguard.client import Client

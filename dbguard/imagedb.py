@@ -29,7 +29,7 @@ from cache import CacheError, CacheStore, Reader
 from dbguard import local_agent
 from dbguard import project as projects
 from dbguard.errors import GuardError, UsageError
-from dbguard.flush import LOCKS
+from dbguard.flushing import LOCKS
 from dbguard.project_store import ProjectStore
 from dbguard.settings import Settings, load
 from dbguard.store_view import StoreView

@@ -276,7 +276,7 @@ def test_9_a_paused_writer_is_fenced_when_it_wakes(make_host: MakeHost, shared: 
         textwrap.dedent(
             f"""
             import json, os, time, dbguard
-            from dbguard import flush, local_agent, project
+            from dbguard import flushing, local_agent, project
             from dbguard.settings import load
             root = local_agent.cache_dir(load())
             token = json.loads((root / "leases.json").read_text())[0]["token"]
@@ -284,7 +284,7 @@ def test_9_a_paused_writer_is_fenced_when_it_wakes(make_host: MakeHost, shared: 
             while not os.path.exists("/tmp/go"):
                 time.sleep(0.01)
             try:
-                result = flush.flush_project(root, project.open_project({str(a.project)!r}), token)
+                result = flushing.flush_project(root, project.open_project({str(a.project)!r}), token)
                 print("flushed", result.records)
             except dbguard.Fenced:
                 print("fenced")

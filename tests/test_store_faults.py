@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 
 from cache import CacheStore, prepare_cache_dir
 from dbguard.errors import Fenced, GuardError
-from dbguard.flush import flush_project, list_aside, verify_cache_in_store
+from dbguard.flushing import flush_project, list_aside, verify_cache_in_store
 from dbguard.project import Project
 from dbguard.project import init as init_project
 from dbguard.project_store import PendingRecord, ProjectStore, record_crc

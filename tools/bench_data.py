@@ -74,7 +74,7 @@ from numpy.typing import NDArray
 import dbguard
 from cache import DEFAULT_MAP_SIZE
 from dbguard import local_agent
-from dbguard.flush import drop_cache
+from dbguard.flushing import drop_cache
 from dbguard.imagedb import ImageDB
 from dbguard.protocol import AgentOp
 from dbguard.settings import Settings, load
