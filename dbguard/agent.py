@@ -171,7 +171,8 @@ class Agent:
                 lease.state, lease.reason = "lost", f"could not reclaim it after an agent restart: {exc}"
                 self.leases[lease.project] = lease
                 self._notice(lease.project, lease.reason)
-                self._work.put(functools.partial(self._set_aside, lease))
+                # Before serving anyone: whoever started this agent (recover, status) then sees it.
+                self._set_aside(lease)
         self._save()
 
     def _save(self) -> None:

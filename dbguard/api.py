@@ -113,7 +113,7 @@ def _held_message(target: projects.Project, holder: dict[str, Any], waited: floa
         f"project {target.path} is held by {who} since {since} (token {holder.get('token')}){waited_text}. "
         f"Ask them to run `dbguard release` or `dbguard clear` there, queue with `dbguard acquire --wait "
         f"SECONDS`, or ask for it with `dbguard acquire --takeover`"
-        + (f"; {unflushed} bytes are unflushed there" if unflushed else "")
+        + (f"; {human_size(unflushed)} are unflushed there" if unflushed else "")
     )
 
 
@@ -138,7 +138,7 @@ def status(project: PathLike = None, *, settings: Settings | None = None) -> dic
     result: dict[str, Any] = {"broker": settings.broker, "projects": reply["projects"], "agent": None}
     if target is not None:
         result["projects"][0]["path"] = str(target.path)
-    agent = local_agent.running(settings)
+    agent = local_agent.revive(settings)
     if agent is not None:
         with agent:
             local = agent.call_ok(AgentOp.LEASES)
@@ -357,6 +357,9 @@ def recover(*, export: Path | None = None, settings: Settings | None = None) -> 
     .npy files (one per record, with its attrs in a .json beside it)."""
     settings = _settings(settings)
     cache_root = local_agent.cache_dir(settings)
+    revived = local_agent.revive(settings)  # a returning host's agent sets lost data aside first
+    if revived is not None:
+        revived.close()
     found = []
     for aside in flushing.list_aside(cache_root):
         item: dict[str, Any] = {
@@ -392,3 +395,13 @@ def check_cache(path: Path) -> dict[str, str]:
     except UnsafeCacheLocation as exc:
         raise UnsafeCachePath(str(exc), path=exc.path, fstype=exc.fstype) from exc
     return {"path": str(path), "fstype": mount.fstype, "source": mount.source, "mountpoint": mount.mountpoint}
+
+
+def human_size(count: int) -> str:
+    """Bytes as a person reads them: 512 B, 1.5 KiB, 10.0 MiB."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -8,6 +8,7 @@ harmless: the agent holds an exclusive lock on its cache directory, so the secon
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from cache import UnsafeCacheLocation, prepare_cache_dir
-from dbguard.agent import LOCK_NAME, LOG_NAME, SOCKET_NAME, socket_address
+from dbguard.agent import LEASES_NAME, LOCK_NAME, LOG_NAME, SOCKET_NAME, socket_address
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable, UnsafeCachePath
 from dbguard.protocol import AgentOp
@@ -60,6 +61,21 @@ def _lock_held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def revive(settings: Settings) -> Client | None:
+    """The agent, started if this host has leases left to reclaim (after a crash or reboot), so
+    that it renews them or learns they were lost and sets their unflushed data aside."""
+    client = running(settings)
+    if client is not None:
+        return client
+    try:
+        saved = json.loads((cache_dir(settings) / LEASES_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not any(lease.get("state") != "lost" for lease in saved):
+        return None
+    return connect(settings)
 
 
 def connect(settings: Settings) -> Client:
