@@ -43,6 +43,7 @@ from dbguard.project import Project, token_floor, write_writer_record
 from dbguard.project_store import FlushResult
 from dbguard.protocol import AgentOp, ErrorKind, Op
 from dbguard.settings import Settings
+from dbguard.units import human_size
 
 log = logging.getLogger("dbguard.agent")
 
@@ -167,6 +168,14 @@ class Agent:
                     lease.project,
                     f"reclaimed the lease (token {self.leases[lease.project].token}) after an agent restart",
                 )
+            except LeaseHeld as exc:
+                who = (
+                    f"{exc.holder.get('user')} on {exc.holder.get('host')}" if exc.holder else "another host"
+                )
+                lease.state, lease.reason = "lost", f"lost while this agent was down: {who} holds it now"
+                self.leases[lease.project] = lease
+                self._notice(lease.project, lease.reason)
+                self._set_aside(lease)
             except GuardError as exc:
                 lease.state, lease.reason = "lost", f"could not reclaim it after an agent restart: {exc}"
                 self.leases[lease.project] = lease
@@ -332,7 +341,8 @@ class Agent:
             if dirty:
                 where = flushing.set_aside(self.cache_dir, lease.project, lease.token, lease.reason)
                 self._notice(
-                    lease.project, f"kept {dirty} unflushed bytes aside in {where}; see `dbguard recover`"
+                    lease.project,
+                    f"kept {human_size(dirty)} of unflushed data aside in {where}; see `dbguard recover`",
                 )
 
     def _writer(self) -> dict[str, str]:

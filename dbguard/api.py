@@ -30,6 +30,7 @@ from dbguard.project_store import ProjectStore
 from dbguard.protocol import AgentOp, Op
 from dbguard.settings import Settings, load
 from dbguard.store_view import StoreView
+from dbguard.units import human_size
 
 # How often a queued acquire asks again; well inside a TTL, so the queue slot stays alive.
 _POLL = 0.2
@@ -395,13 +396,3 @@ def check_cache(path: Path) -> dict[str, str]:
     except UnsafeCacheLocation as exc:
         raise UnsafeCachePath(str(exc), path=exc.path, fstype=exc.fstype) from exc
     return {"path": str(path), "fstype": mount.fstype, "source": mount.source, "mountpoint": mount.mountpoint}
-
-
-def human_size(count: int) -> str:
-    """Bytes as a person reads them: 512 B, 1.5 KiB, 10.0 MiB."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")

@@ -24,6 +24,7 @@ from dbguard.errors import BrokerUnavailable, ExitCode, GuardError, UsageError
 from dbguard.leases import Timing
 from dbguard.protocol import AgentOp, Op
 from dbguard.settings import Settings, load
+from dbguard.units import human_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -335,7 +336,8 @@ def _status_text(result: dict[str, Any]) -> str:
     if agent:
         for lease in agent["leases"]:
             state = lease["state"] + (f": {lease['reason']}" if lease["reason"] else "")
-            lines.append(f"this host holds {lease['path']} (token {lease['token']}): {state}")
+            verb = "holds" if lease["state"] == "held" else "held"
+            lines.append(f"this host {verb} {lease['path']} (token {lease['token']}): {state}")
         for notice in agent["notices"][-5:]:
             lines.append(f"notice {_when(notice['at'])} {notice['text']}")
     if not result["projects"]:
@@ -542,7 +544,7 @@ def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
-_size = api.human_size
+_size = human_size
 
 
 def run() -> None:
