@@ -125,6 +125,9 @@ class Manifest:
     databases: dict[str, dict[str, int]] = field(default_factory=dict)
     # segments no longer referenced: name -> wall time retired (deleted after a delay)
     retired: dict[str, float] = field(default_factory=dict)
+    # the last generation that brought new data: {"at": wall time, "host": ..., "user": ...};
+    # fences and compactions carry it forward, so "last flush" means data, not bookkeeping
+    last_flush: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         body = {
@@ -137,6 +140,7 @@ class Manifest:
             "segments": self.segments,
             "databases": self.databases,
             "retired": self.retired,
+            "last_flush": self.last_flush,
         }
         body["checksum"] = _crc_json(body)
         return body
@@ -152,6 +156,7 @@ class Manifest:
             segments={str(k): dict(v) for k, v in data["segments"].items()},
             databases={str(k): dict(v) for k, v in data["databases"].items()},
             retired={str(k): float(v) for k, v in (data.get("retired") or {}).items()},
+            last_flush=dict(data.get("last_flush") or {}),
         )
 
 
@@ -301,6 +306,7 @@ class ProjectStore:
                 segments={**on.segments, name: segment_info},
                 databases=databases,
                 retired=dict(on.retired),
+                last_flush={"at": time.time(), **(writer or {})},
             )
 
         try:
@@ -328,6 +334,7 @@ class ProjectStore:
                 segments=dict(on.segments),
                 databases={db: dict(info) for db, info in on.databases.items()},
                 retired=dict(on.retired),
+                last_flush=dict(on.last_flush),
             ),
             token,
         )
@@ -469,6 +476,7 @@ class ProjectStore:
                 segments=segments,
                 databases={db: dict(info) for db, info in on.databases.items()},
                 retired=retired,
+                last_flush=dict(on.last_flush),
             )
 
         try:
