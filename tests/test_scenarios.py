@@ -295,6 +295,7 @@ def test_9_a_paused_writer_is_fenced_when_it_wakes(make_host: MakeHost, shared: 
         )
     )
     assert late.stdout is not None and late.stdout.readline().strip() == "ready"
+    assert wait_for(lambda: state(b)["writer"]["unflushed"] > 0, TTL * 2)  # the broker knows it is dirty
     a.pause()
     try:
         assert wait_for(lambda: state(b)["state"] == "orphaned", TTL * 3)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from cache import CacheCorrupt, CacheError, CacheStore, DirtyEntry, decode_record, encode_record
+from cache import store as cache_store
 
 MiB = 1 << 20
 
@@ -124,6 +126,232 @@ def test_put_many_writes_all_items(store: CacheStore) -> None:
     assert store.count("m") == 5
     assert store.attrs("m", 4) == b"4"
     np.testing.assert_array_equal(store.get("m", 2), np.full(4, 2, dtype=np.int16))
+
+
+def _last_txnid(store: CacheStore) -> int:
+    return int(store._live().env.info()["last_txnid"])
+
+
+def test_put_many_commits_about_a_mib_per_transaction(store: CacheStore) -> None:
+    image = np.ones((256, 256), np.float32)  # 256 KiB: three fit in 1 MiB with headers, four do not
+    per_txn = cache_store._MANY_TXN_BYTES // _size(image)
+    assert per_txn == 3
+    before = _last_txnid(store)
+    store.put_many("m", ((i, image * i, b"") for i in range(10)))
+    assert _last_txnid(store) - before == -(-10 // per_txn)
+    assert store.count("m") == 10
+    np.testing.assert_array_equal(store.get("m", 9), image * 9)
+    assert [e.index for e in store.dirty_entries()] == list(range(10))
+    assert store.dirty_bytes() == 10 * _size(image)
+
+
+def test_put_many_of_a_small_batch_is_one_transaction(store: CacheStore) -> None:
+    before = _last_txnid(store)
+    store.put_many("m", [(i, np.full(100, i), b"x") for i in range(50)])
+    assert _last_txnid(store) - before == 1
+
+
+def test_put_many_gives_a_record_larger_than_the_cap_its_own_transaction(store: CacheStore) -> None:
+    big = np.zeros(2 * MiB, np.uint8)
+    small = np.zeros(10, np.uint8)
+    before = _last_txnid(store)
+    store.put_many("m", [(0, small, b""), (1, big, b""), (2, small, b"")])
+    assert _last_txnid(store) - before == 3
+    assert store.get("m", 1).nbytes == 2 * MiB
+
+
+@pytest.mark.parametrize(
+    "bad", [(-1, np.zeros(3), b""), (True, np.zeros(3), b""), (5, np.array([{}], dtype=object), b"")]
+)
+def test_put_many_checks_every_item_before_writing_any(
+    store: CacheStore, bad: tuple[int, NDArray[Any], bytes]
+) -> None:
+    items = [(i, np.ones((256, 256), np.float32), b"") for i in range(8)]
+    with pytest.raises((ValueError, TypeError)):
+        store.put_many("m", [*items, bad])
+    assert store.count("m") == 0
+    assert store.dirty_bytes() == 0
+
+
+def test_non_contiguous_arrays_are_stored_in_c_order_and_left_untouched(store: CacheStore) -> None:
+    base = np.arange(48, dtype=np.float64).reshape(6, 8)
+    views = [base[:, ::2], base.T, base[::-1], np.asfortranarray(base), base[1:4, 2:7], base[:, 3]]
+    for index, view in enumerate(views):
+        store.put("v", index, view, b"a")
+    store.put_many("w", [(i, v, b"") for i, v in enumerate(views)])
+    appended = [store.append("x", v) for v in views]
+    np.testing.assert_array_equal(base, np.arange(48, dtype=np.float64).reshape(6, 8))
+    with store.reader() as r:
+        for db, indexes in (("v", range(len(views))), ("w", range(len(views))), ("x", appended)):
+            for view, index in zip(views, indexes, strict=True):
+                np.testing.assert_array_equal(r.array(db, index), view)
+                assert r.record(db, index).data.tobytes() == np.ascontiguousarray(view).tobytes()
+    for view in views:
+        record = decode_record(encode_record(view, b"z"))
+        np.testing.assert_array_equal(record.array(), view)
+        assert record.attrs == b"z"
+
+
+def test_stored_records_do_not_alias_the_callers_array(store: CacheStore) -> None:
+    array = np.zeros((64, 64), np.float32)
+    store.put("x", 0, array)
+    store.append("x", array)
+    array += 1
+    np.testing.assert_array_equal(store.get("x", 0), np.zeros((64, 64)))
+    np.testing.assert_array_equal(store.get("x", 1), np.zeros((64, 64)))
+
+
+@pytest.mark.parametrize("attrs", [b"", b'{"apix": 1.0}'])
+def test_zero_dimensional_arrays_keep_their_shape(store: CacheStore, attrs: bytes) -> None:
+    scalar = np.array(2.5, dtype=">f8")
+    store.put("s", 0, scalar, attrs)
+    store.append("s", np.array(7, dtype=np.int8), attrs)
+    with store.reader() as r:
+        view = r.array("s", 0)
+        assert view.shape == () and view.dtype == np.dtype(">f8") and view == 2.5
+        assert r.array("s", 1).shape == () and r.array("s", 1) == 7
+        record = r.record("s", 0)
+        assert (record.dtype, record.shape, record.attrs) == (">f8", (), attrs)
+        assert record.array() == 2.5
+    decoded = decode_record(encode_record(scalar, attrs))
+    assert (decoded.shape, decoded.attrs, decoded.array()) == ((), attrs, 2.5)
+
+
+@pytest.mark.parametrize("dtype", ["M8[s]", "m8[ms]", "<U5", "S3", "?", "e", ">i4", ">c16"])
+def test_every_plain_dtype_round_trips(store: CacheStore, dtype: str) -> None:
+    array = np.arange(12).reshape(3, 4).astype(dtype)
+    store.put("d", 0, array, b"attrs")
+    store.put_many("d", [(1, array[:, ::2], b"")])
+    copy = store.get("d", 0)
+    assert copy.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(copy, array)
+    np.testing.assert_array_equal(store.get("d", 1), array[:, ::2])
+    assert store.dirty_bytes() == _size(array, b"attrs") + _size(array[:, ::2])
+    record = decode_record(encode_record(array))
+    assert np.dtype(record.dtype) == np.dtype(dtype)
+    np.testing.assert_array_equal(record.array(), array)
+
+
+def test_records_of_one_size_but_another_dtype_or_shape_read_as_written(store: CacheStore) -> None:
+    # All 16 bytes long: only the headers tell them apart, so the reader must not take
+    # the layout of the database's first records for that of every record.
+    first = np.arange(4, dtype="<i4")
+    store.put("x", 0, first)
+    store.put("x", 1, first)
+    with store.reader() as before:
+        store.put("x", 1, np.arange(4, dtype=">i4"))
+        store.append("x", np.arange(2, dtype=np.float64))
+        store.put("x", 3, np.arange(16, dtype=np.uint8).reshape(4, 4), b"attrs")
+        with store.reader() as after:
+            assert after.array("x", 1).dtype == np.dtype(">i4")
+            np.testing.assert_array_equal(after.array("x", 1), np.arange(4))
+            assert after.array("x", 2).dtype == np.float64
+            assert after.array("x", 3).shape == (4, 4)
+            assert after.attrs("x", 3) == b"attrs"
+            np.testing.assert_array_equal(after.array("x", 0), first)
+        # The snapshot taken before the rewrites still reads what it saw.
+        assert before.array("x", 1).dtype == np.dtype("<i4")
+        with pytest.raises(KeyError):
+            before.array("x", 2)
+    assert store.count("x") == 4
+
+
+def test_attrs_are_replaced_with_their_record(store: CacheStore) -> None:
+    store.put("a", 0, np.zeros(3), b"old")
+    store.put("a", 0, np.ones(3))
+    assert store.attrs("a", 0) == b""
+    store.put("a", 0, np.ones(3), b"new")
+    assert store.attrs("a", 0) == b"new"
+    np.testing.assert_array_equal(store.get("a", 0), np.ones(3))
+
+
+def test_missing_records_raise_key_error_whether_or_not_layouts_are_shared(store: CacheStore) -> None:
+    store.put("same", 0, np.zeros(3))
+    store.put("same", 2, np.zeros(3))
+    store.put("mixed", 0, np.zeros(3))
+    store.put("mixed", 2, np.zeros(4))
+    with store.reader() as r:
+        for db in ("same", "mixed", "never"):
+            with pytest.raises(KeyError):
+                r.array(db, 1)
+            with pytest.raises(KeyError):
+                r.record(db, 1)
+            with pytest.raises(KeyError):
+                r.attrs(db, 1)
+        with pytest.raises(ValueError):
+            r.array("same", -1)
+        with pytest.raises(ValueError):
+            r.array("same", 1 << 64)
+
+
+def test_more_shapes_than_the_caches_hold_still_read_back(store: CacheStore) -> None:
+    n = cache_store._CACHE_LIMIT + 20
+    store.put_many("many", [(i, np.full(i + 1, i, np.int32), b"") for i in range(n)])
+    with store.reader() as r:
+        for i in range(n):
+            assert r.array("many", i).shape == (i + 1,)
+            assert r.array("many", i)[-1] == i
+
+
+@pytest.mark.parametrize("path", ["header", "payload"])
+@pytest.mark.parametrize("db", ["same", "mixed"])
+def test_a_record_whose_header_and_payload_disagree_raises_cache_corrupt(
+    store: CacheStore, path: str, db: str
+) -> None:
+    store.put(db, 0, np.zeros(8, np.float32))
+    if db == "mixed":
+        store.put(db, 1, np.zeros(3, np.float32))
+    shared = store._live()
+    key = db.encode() + b"\x00" + (0).to_bytes(8, "big")
+    with shared.env.begin(write=True) as txn:
+        if path == "payload":
+            txn.put(key, bytes(12), db=shared.records)
+        else:
+            txn.put(key + b"h", b"\x01\x02", db=shared.records)
+    with store.reader() as r:
+        with pytest.raises(CacheCorrupt, match=rf"{db}\[0\]"):
+            r.record(db, 0)
+        if path == "header" and db == "same":
+            # Arrays of a database whose records share a layout are read without their
+            # headers: only the payload's length is checked.
+            np.testing.assert_array_equal(r.array(db, 0), np.zeros(8))
+            return
+        with pytest.raises(CacheCorrupt, match=rf"{db}\[0\]"):
+            r.array(db, 0)
+    with pytest.raises(CacheCorrupt):
+        store.get(db, 0)
+
+
+def _write_foreign_environment(root: Path, meta: dict[bytes, bytes]) -> Path:
+    path = root / "projects" / "old"
+    path.mkdir(parents=True)
+    env = lmdb.open(str(path), subdir=True, max_dbs=8)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"meta", txn=txn)
+        for key, value in meta.items():
+            txn.put(key, value, db=db)
+    env.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("meta", "says"),
+    [
+        # What format 1 wrote: no format key, a sequence number and dirty bytes.
+        ({b"seq": (3).to_bytes(8, "big"), b"dirty_bytes": (300).to_bytes(8, "big")}, "format 1"),
+        ({b"format": (99).to_bytes(8, "big"), b"state": bytes(16)}, "format 99"),
+    ],
+)
+def test_an_environment_in_another_format_is_refused_not_taken_for_empty(
+    tmp_path: Path, meta: dict[bytes, bytes], says: str
+) -> None:
+    path = _write_foreign_environment(tmp_path, meta)
+    with pytest.raises(CacheCorrupt, match=says) as info:
+        CacheStore(tmp_path, "old")
+    assert str(path) in str(info.value)
+    # Reporting 0 dirty bytes would let `dbguard clear` drop records it cannot read.
+    with pytest.raises(CacheCorrupt, match=says):
+        CacheStore.dirty_bytes_of(tmp_path, "old")
 
 
 def test_dirty_bytes_tracks_puts_and_overwrites(store: CacheStore) -> None:
