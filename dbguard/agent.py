@@ -36,7 +36,7 @@ import zmq
 
 from cache import CacheError, CacheStore
 from dbguard import flushing, protocol
-from dbguard.client import Client, error_from_reply
+from dbguard.client import Client, error_from_reply, for_broker
 from dbguard.errors import Fenced, GuardError, LeaseHeld
 from dbguard.leases import Holder
 from dbguard.project import Project, token_floor, write_writer_record
@@ -90,7 +90,7 @@ class Agent:
         self.cache_dir = cache_dir
         self._lock_fd = self._lock()
         self.holder = Holder(settings.host, settings.user, uuid.uuid4().hex, str(cache_dir))
-        self.broker = Client(settings.broker, timeout=settings.request_timeout)
+        self.broker = for_broker(settings)
         self.leases: dict[str, HeldLease] = {}
         self.notices: list[dict[str, Any]] = []
         self._table_lock = threading.RLock()
@@ -203,7 +203,7 @@ class Agent:
         return CacheStore.dirty_bytes_of(self.cache_dir, project)
 
     def _heartbeat_loop(self) -> None:
-        client = Client(self.settings.broker, timeout=self.settings.request_timeout)
+        client = for_broker(self.settings)
         try:
             next_beat = 0.0
             while not self._stopping.is_set():

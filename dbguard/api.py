@@ -22,7 +22,7 @@ from cache import CacheStore, UnsafeCacheLocation, check_not_network
 from dbguard import flushing, local_agent
 from dbguard import project as projects
 from dbguard.agent import LEASES_NAME
-from dbguard.client import Client
+from dbguard.client import Client, for_broker
 from dbguard.errors import GuardError, LeaseHeld, LeaseLost, ProjectBusy, UnsafeCachePath, UsageError
 from dbguard.imagedb import ImageDB, writers_lock_path
 from dbguard.imagedb import open as open_imagedb
@@ -92,7 +92,7 @@ def acquire(
 def _leave_queue(settings: Settings, agent: Client, target: projects.Project) -> None:
     holder = agent.call_ok(AgentOp.HELLO)
     # If this fails the slot still expires by itself within a TTL.
-    with Client(settings.broker, timeout=settings.request_timeout) as broker, contextlib.suppress(GuardError):
+    with for_broker(settings) as broker, contextlib.suppress(GuardError):
         broker.call_ok(
             Op.LEAVE_QUEUE,
             project=target.id,
@@ -131,7 +131,7 @@ def status(project: PathLike = None, *, settings: Settings | None = None) -> dic
     """What the broker and this host's agent know of a project (or of every project)."""
     settings = _settings(settings)
     target = projects.open_project(project) if project is not None or projects.find_root(Path.cwd()) else None
-    with Client(settings.broker, timeout=settings.request_timeout) as broker:
+    with for_broker(settings) as broker:
         if target is not None:
             reply = broker.call_ok(Op.STATUS, project=target.id)
         else:
@@ -156,7 +156,7 @@ def break_lease(project: PathLike, *, settings: Settings | None = None) -> dict[
     """Free a project whatever holds it; returns what may be stranded on the former holder."""
     settings = _settings(settings)
     target = projects.open_project(project)
-    with Client(settings.broker, timeout=settings.request_timeout) as broker:
+    with for_broker(settings) as broker:
         reply = broker.call_ok(Op.BREAK, project=target.id, force=True)
     return {"project": target.id, "path": str(target.path), "broken": reply["broken"]}
 
@@ -295,7 +295,7 @@ def browse(project: PathLike, *, settings: Settings | None = None) -> dict[str, 
     writer: dict[str, Any] | None = None
     lease_state = None
     try:
-        with Client(settings.broker, timeout=settings.request_timeout) as broker:
+        with for_broker(settings) as broker:
             state = broker.call_ok(Op.STATUS, project=target.id)["projects"][0]
         lease_state, writer = state["state"], state["writer"]
     except GuardError:

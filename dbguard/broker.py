@@ -13,13 +13,16 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from dbguard import protocol
 from dbguard.errors import GuardError
+from dbguard.keys import BrokerKeys
 from dbguard.lease_store import LeaseStore, LmdbLeaseStore
 from dbguard.leases import Decision, Holder, LeaseState, LeaseTable, Timing
 from dbguard.protocol import ErrorKind, Op, ProtocolError
@@ -35,8 +38,11 @@ _REPLY_CACHE_SIZE = 100_000
 class Broker:
     """Serve leases on ``address`` from the table kept in ``store``."""
 
-    def __init__(self, address: str, store: LeaseStore, timing: Timing) -> None:
+    def __init__(
+        self, address: str, store: LeaseStore, timing: Timing, keys: BrokerKeys | None = None
+    ) -> None:
         self.address = address
+        self.keys = keys
         self.store = store
         self.timing = timing
         self.table = LeaseTable(timing)
@@ -57,6 +63,16 @@ class Broker:
         # A client that vanished must not make the broker block or buffer without bound.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._socket.setsockopt(zmq.SNDHWM, 10_000)
+        self._authenticator: ThreadAuthenticator | None = None
+        if keys is not None:
+            # ZAP checks every client's key during the handshake; a server's CURVE options must
+            # be set before bind (pyzmq's ThreadAuthenticator pattern).
+            self._authenticator = ThreadAuthenticator(self._context)
+            self._authenticator.start()
+            self._authenticator.configure_curve_callback(domain="*", credentials_provider=_Authorized(keys))
+            self._socket.curve_secretkey = keys.secret
+            self._socket.curve_publickey = keys.public
+            self._socket.curve_server = True
         self._socket.bind(address)
         self.bound_address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
@@ -85,6 +101,8 @@ class Broker:
         finally:
             self._persist()
             self._socket.close()
+            if self._authenticator is not None:
+                self._authenticator.stop()
             self.store.close()
 
     def _serve_batch(self) -> None:
@@ -93,12 +111,19 @@ class Broker:
             # Asking the socket is cheaper than the zmq.Again exception that would end each batch.
             if not int(self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 break
-            frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            principal = ""
+            if self.keys is None:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            else:
+                # The authenticated key rides on the message as its User-Id property.
+                parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                principal = str(parts[-1].get("User-Id"))
+                frames = [part.bytes for part in parts]
             # ROUTER prepends the peer identity; a REQ peer adds an empty delimiter, kept as is.
             if len(frames) < 2:
                 continue
             envelope, payload = frames[:-1], frames[-1]
-            outgoing.append([*envelope, self._answer(payload)])
+            outgoing.append([*envelope, self._answer(payload, principal)])
         self.stats["batches"] += 1
         self.stats["requests"] += len(outgoing)
         self._persist()
@@ -117,7 +142,7 @@ class Broker:
 
     # -------------------------------------------------------------- requests
 
-    def _answer(self, payload: bytes) -> bytes:
+    def _answer(self, payload: bytes, principal: str = "") -> bytes:
         try:
             request = protocol.decode_request(payload)
         except ProtocolError as exc:
@@ -127,7 +152,7 @@ class Broker:
         if cached is not None:
             return cached
         try:
-            reply = self._dispatch(request)
+            reply = self._dispatch(request, principal)
         except GuardError as exc:
             reply = protocol.reply_error(request["id"], ErrorKind.BAD_REQUEST, str(exc))
         except Exception:  # the broker never dies of one request
@@ -141,7 +166,7 @@ class Broker:
             self._replies.popitem(last=False)
         return encoded
 
-    def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _dispatch(self, request: dict[str, Any], principal: str = "") -> dict[str, Any]:
         op, req_id = request["op"], request["id"]
         now, wall = time.monotonic(), time.time()
         table = self.table
@@ -165,13 +190,20 @@ class Broker:
         if op == Op.BREAK:
             if not request["force"]:
                 return protocol.reply_error(req_id, ErrorKind.USAGE, "break needs force=true")
+            if self.keys is not None and principal.encode() not in self.keys.operators():
+                return protocol.reply_error(
+                    req_id,
+                    ErrorKind.USAGE,
+                    "breaking a lease needs an operator key: run this with DBGUARD_KEYS holding a key the "
+                    "broker's operators/ directory lists (`dbguard keys authorize --operator`)",
+                )
             decision = table.break_lease(request["project"], now, wall)
             if decision.fields["broken"]:
                 log.warning(
                     "lease of %s broken by operator: %s", request["project"], decision.fields["broken"]
                 )
             return protocol.reply_ok(req_id, **decision.fields)
-        holder = Holder.from_json(request["holder"])
+        holder = replace(Holder.from_json(request["holder"]), principal=principal)
         if op == Op.ACQUIRE:
             decision = table.acquire(
                 request["project"],
@@ -200,6 +232,20 @@ class Broker:
         return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"unknown operation {op!r}")
 
 
+class _Authorized:
+    """ZAP credentials callback: accept the keys in authorized/ and operators/, read afresh for
+    each handshake so that authorising a host needs no restart."""
+
+    def __init__(self, keys: BrokerKeys) -> None:
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self.keys.authorized()
+        if not allowed:
+            log.warning("refused a client with an unknown key %s", key.decode(errors="replace"))
+        return allowed
+
+
 def _reply_for(req_id: str, decision: Decision) -> dict[str, Any]:
     if decision.kind in ("granted", "queued"):
         return protocol.reply_ok(req_id, status=decision.kind, **decision.fields)
@@ -222,9 +268,16 @@ def _loose_id(payload: bytes) -> str:
     return value if isinstance(value, str) and len(value) <= 64 else ""
 
 
-def run(address: str, state_dir: Path, timing: Timing, *, ready_file: Path | None = None) -> None:
+def run(
+    address: str,
+    state_dir: Path,
+    timing: Timing,
+    *,
+    keys: BrokerKeys | None = None,
+    ready_file: Path | None = None,
+) -> None:
     """Run a broker in this process until SIGTERM or SIGINT."""
-    broker = Broker(address, LmdbLeaseStore(state_dir), timing)
+    broker = Broker(address, LmdbLeaseStore(state_dir), timing, keys)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: broker.stop())
     if ready_file is not None:

@@ -19,8 +19,9 @@ import click
 
 from cache import CacheError, UnsafeCacheLocation
 from dbguard import api, local_agent
-from dbguard.client import Client
+from dbguard.client import for_broker
 from dbguard.errors import BrokerUnavailable, ExitCode, GuardError, UsageError
+from dbguard.keys import authorize, broker_keys, init_broker, init_client
 from dbguard.leases import Timing
 from dbguard.protocol import AgentOp, Op
 from dbguard.settings import Settings, load
@@ -104,7 +105,10 @@ def broker(
     settings = load({"broker": address, "state": state, "ttl": ttl, "lock_delay": lock_delay, "grace": grace})
     _log_to_stderr()
     timing = Timing(settings.ttl, settings.lock_delay, settings.effective_grace)
-    broker_module.run(_bind_address(settings.broker), settings.state, timing, ready_file=ready_file)
+    keys = broker_keys(settings.keys) if settings.keys is not None else None
+    broker_module.run(
+        _bind_address(settings.broker), settings.state, timing, keys=keys, ready_file=ready_file
+    )
 
 
 def _bind_address(address: str) -> str:
@@ -157,7 +161,7 @@ def up(settings: Settings, as_json: bool) -> None:
 
 
 def _start_broker(settings: Settings) -> bool:
-    with Client(settings.broker, timeout=1.0, attempts=1) as probe:
+    with for_broker(settings, timeout=1.0, attempts=1) as probe:
         try:
             probe.call_ok(Op.HELLO)
             return False
@@ -186,7 +190,7 @@ def _start_broker(settings: Settings) -> bool:
         )
     (settings.state / "broker.pid").write_text(f"{process.pid}\n")
     deadline = time.monotonic() + 10
-    with Client(settings.broker, timeout=0.5, attempts=1) as probe:
+    with for_broker(settings, timeout=0.5, attempts=1) as probe:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 break
@@ -369,6 +373,66 @@ def break_command(settings: Settings, project: Path, force: bool, as_json: bool)
             "stranded there: its agent keeps them aside when it returns"
         )
     _emit(as_json, result, text)
+
+
+@main.group()
+def keys() -> None:
+    """Create and authorise CURVE keys (a site that sets DBGUARD_KEYS gets an authenticated broker).
+
+    \b
+    On the broker's machine:   dbguard keys init-broker --dir /etc/dbguard/keys
+    On every client machine:   dbguard keys init-client --dir ~/.config/dbguard/keys
+                               (copy the broker's broker.key there too)
+    Back on the broker:        dbguard keys authorize ws1.key --name ws1 [--operator]
+    """
+
+
+_keys_dir_option = click.option(
+    "--dir", "directory", type=click.Path(path_type=Path), help="Keys directory (env DBGUARD_KEYS)."
+)
+
+
+def _keys_dir(given: Path | None) -> Path:
+    directory = given or load().keys
+    if directory is None:
+        raise UsageError("give --dir DIRECTORY or set DBGUARD_KEYS to the keys directory")
+    return directory
+
+
+@keys.command(name="init-broker")
+@click.option(
+    "--dir", "directory", type=click.Path(path_type=Path), help="Keys directory (env DBGUARD_KEYS)."
+)
+def keys_init_broker(directory: Path | None) -> None:
+    """Create the broker's key pair, and its authorized/ and operators/ directories."""
+    public = init_broker(_keys_dir(directory))
+    click.echo(f"created {public} (give this public key to every client) and its secret beside it")
+
+
+@keys.command(name="init-client")
+@click.option(
+    "--dir", "directory", type=click.Path(path_type=Path), help="Keys directory (env DBGUARD_KEYS)."
+)
+def keys_init_client(directory: Path | None) -> None:
+    """Create this machine's client key pair."""
+    public = init_client(_keys_dir(directory))
+    click.echo(
+        f"created {public}: have the operator authorise it (`dbguard keys authorize`), and put the "
+        f"broker's broker.key in {public.parent}"
+    )
+
+
+@keys.command(name="authorize")
+@click.argument("public_key", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--name", required=True, help="A name for the key's owner, e.g. the host name.")
+@click.option("--operator", is_flag=True, help="Also allow `dbguard break --force` with this key.")
+@click.option(
+    "--dir", "directory", type=click.Path(path_type=Path), help="Keys directory (env DBGUARD_KEYS)."
+)
+def keys_authorize(public_key: Path, name: str, operator: bool, directory: Path | None) -> None:
+    """Let the owner of PUBLIC_KEY use the broker (run on the broker's machine)."""
+    target = authorize(_keys_dir(directory), public_key, name, operator=operator)
+    click.echo(f"authorised {name}{' as an operator' if operator else ''}: {target}")
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from dbguard import protocol
 from dbguard.errors import (
@@ -24,18 +25,33 @@ from dbguard.errors import (
     UnsafeCachePath,
     UsageError,
 )
+from dbguard.keys import ClientKeys, client_keys
 from dbguard.protocol import ErrorKind
+from dbguard.settings import Settings
 
 _ENVELOPE = frozenset({"v", "id", "ok"})
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class Client:
     """One connection to a dbguard server; use from one thread."""
 
     def __init__(
-        self, address: str, *, timeout: float = 5.0, attempts: int = 3, what: str = "broker"
+        self,
+        address: str,
+        *,
+        timeout: float = 5.0,
+        attempts: int = 3,
+        what: str = "broker",
+        keys: ClientKeys | None = None,
     ) -> None:
         self.address = address
+        self.keys = keys
+        self._monitor: zmq.Socket[bytes] | None = None
         self.timeout = timeout
         self.attempts = attempts
         self.what = what
@@ -50,14 +66,50 @@ class Client:
         if self._socket is None:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.keys is not None:
+                # A client's CURVE options come before connect, like a server's before bind.
+                sock.curve_serverkey = self.keys.broker_public
+                sock.curve_publickey = self.keys.public
+                sock.curve_secretkey = self.keys.secret
+            if self.what == "broker":
+                # A refused CURVE handshake is silent on the socket itself: watch for it, so
+                # the user hears "your key was refused", not "no answer".
+                self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILURES)
             sock.connect(self.address)
             self._socket = sock
         return self._socket
 
     def _reset(self) -> None:
         if self._socket is not None:
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._socket.close(linger=0)
             self._socket = None
+
+    def _handshake_refusal(self) -> str | None:
+        """Why the broker refused the handshake, if a monitor event says it did."""
+        if self._monitor is None:
+            return None
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                key = "DBGUARD_KEYS/client.key" if self.keys else "no key"
+                return (
+                    f"the broker at {self.address} refused this machine's key ({key}); ask the operator "
+                    "to add its public key with `dbguard keys authorize` on the broker's machine"
+                )
+            if self.keys is None:
+                return (
+                    f"the broker at {self.address} requires CURVE authentication; set DBGUARD_KEYS to a "
+                    "directory with client.key, client.key_secret and the broker's broker.key"
+                )
+            return (
+                f"the secure handshake with the broker at {self.address} failed; check that "
+                "DBGUARD_KEYS/broker.key is that broker's public key and that the broker uses keys"
+            )
+        return None
 
     def close(self) -> None:
         self._reset()
@@ -89,7 +141,10 @@ class Client:
                 if reply.get("id") == message["id"]:
                     return reply
                 # A late reply to an earlier, abandoned request: not ours, keep waiting.
+            refusal = self._handshake_refusal()
             self._reset()
+            if refusal is not None:
+                raise BrokerUnavailable(refusal, address=self.address)
             if self._refused():
                 break
         raise BrokerUnavailable(self._unreachable_message(timeout or self.timeout), address=self.address)
@@ -141,3 +196,9 @@ def error_from_reply(reply: dict[str, Any], address: str = "") -> GuardError:
     if kind in (ErrorKind.USAGE, ErrorKind.BAD_REQUEST, ErrorKind.VERSION):
         return UsageError(message)
     return GuardError(message)
+
+
+def for_broker(settings: Settings, *, timeout: float | None = None, attempts: int = 3) -> Client:
+    """A client of the configured broker, with this machine's keys when the site uses them."""
+    keys = client_keys(settings.keys) if settings.keys is not None else None
+    return Client(settings.broker, timeout=timeout or settings.request_timeout, attempts=attempts, keys=keys)

@@ -59,17 +59,25 @@ class Holder:
     user: str
     agent: str
     cache: str
+    # The client's CURVE public key (z85) as the broker authenticated it, when the site uses
+    # keys; never taken from a message, so a lease cannot be renewed or released by another key.
+    principal: str = ""
 
     @property
     def key(self) -> str:
-        return f"{self.user}@{self.host}:{self.cache}"
+        base = f"{self.user}@{self.host}:{self.cache}"
+        return f"{base}#{self.principal}" if self.principal else base
 
     def to_json(self) -> dict[str, str]:
-        return {"host": self.host, "user": self.user, "agent": self.agent, "cache": self.cache}
+        data = {"host": self.host, "user": self.user, "agent": self.agent, "cache": self.cache}
+        if self.principal:
+            data["principal"] = self.principal
+        return data
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Holder:
-        return cls(**{name: str(value[name]) for name in ("host", "user", "agent", "cache")})
+        fields = {name: str(value[name]) for name in ("host", "user", "agent", "cache")}
+        return cls(**fields, principal=str(value.get("principal", "")))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from dbguard import keys as dbguard_keys
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable
 from tools.sshfs import Mount, SshServer
@@ -51,8 +52,21 @@ def namespaces_unavailable() -> str | None:
 class BrokerProcess:
     """A real `dbguard broker` process on a fixed loopback port, restartable on the same state."""
 
-    def __init__(self, state_dir: Path, *, ttl: float, lock_delay: float, grace: float | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        ttl: float,
+        lock_delay: float,
+        grace: float | None = None,
+        keys: Path | None = None,
+        client_keys: Path | None = None,
+    ) -> None:
         self.state_dir = state_dir
+        # keys: the broker's keys directory (a site with CURVE); client_keys: the keys the test
+        # process itself uses to ask the broker (hello, status).
+        self.keys = keys
+        self.client_keys = client_keys
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.ttl, self.lock_delay, self.grace = ttl, lock_delay, grace if grace is not None else ttl
@@ -77,13 +91,18 @@ class BrokerProcess:
             "--grace",
             str(self.grace),
         ]
+        env = {key: value for key, value in os.environ.items() if key != "DBGUARD_KEYS"}
+        if self.keys is not None:
+            env["DBGUARD_KEYS"] = str(self.keys)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env
+            )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
-        with Client(self.address, timeout=0.3, attempts=1) as client:
+        with self.client(timeout=0.3, attempts=1) as client:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
                     raise RuntimeError(f"broker exited with {self.process.returncode}:\n{self.log()}")
@@ -123,8 +142,9 @@ class BrokerProcess:
         except OSError:
             return ""
 
-    def client(self) -> Client:
-        return Client(self.address, timeout=3.0)
+    def client(self, timeout: float = 3.0, attempts: int = 3) -> Client:
+        keys = dbguard_keys.client_keys(self.client_keys) if self.client_keys else None
+        return Client(self.address, timeout=timeout, attempts=attempts, keys=keys)
 
 
 class Host:
