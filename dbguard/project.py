@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dbguard.durable import fsync_dir, write_synced
 from dbguard.errors import IntegrityError, UsageError
 
 MARKER = ".dbguard"
@@ -104,14 +105,14 @@ def init(root: Path) -> Project:
         "format": 1,
     }
     temp = meta / f".{IDENTITY_FILE}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    _write_synced(temp, json.dumps(record, indent=2) + "\n")
+    write_synced(temp, (json.dumps(record, indent=2) + "\n").encode())
     try:
         os.link(temp, target)
     except FileExistsError:
         pass
     finally:
         temp.unlink(missing_ok=True)
-    _fsync_dir(meta)
+    fsync_dir(meta)
     return Project(read_identity(root), root)
 
 
@@ -146,23 +147,8 @@ def write_writer_record(project: Project, *, writer: dict[str, Any] | None, toke
         "note": "written by dbguard for people to read; the lease broker is the authority",
     }
     temp = project.meta_dir / f".{WRITER_FILE}.{socket.gethostname()}.{os.getpid()}"
-    _write_synced(temp, json.dumps(record, indent=2) + "\n")
+    write_synced(temp, (json.dumps(record, indent=2) + "\n").encode())
     os.replace(temp, project.meta_dir / WRITER_FILE)
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now_text() -> str:

@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 # checksumming was a fifth of a flush's time.
 from zlib_ng.zlib_ng import crc32
 
+from dbguard.durable import fsync_dir, write_synced
 from dbguard.errors import Fenced, GuardError, IntegrityError
 
 STORE_DIR = "store"
@@ -396,7 +397,7 @@ class ProjectStore:
                 handle.flush()
                 os.fsync(handle.fileno())
                 size = handle.tell()
-            _fsync_dir(self.segments_dir)
+            fsync_dir(self.segments_dir)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -427,9 +428,9 @@ class ProjectStore:
             )
             body = json.dumps(manifest.to_json(), indent=1).encode()
             try:
-                _write_synced(temp, body)
+                write_synced(temp, body)
                 published = _link_exclusive(temp, target, body)
-                _fsync_dir(self.manifests_dir)
+                fsync_dir(self.manifests_dir)
             except OSError as exc:
                 raise _storage_error(self.root, exc) from exc
             finally:
@@ -602,18 +603,3 @@ def _link_exclusive(temp: Path, target: Path, body: bytes) -> bool:
         except FileNotFoundError:
             raise exc from None  # not taken after all: a real refusal (permissions)
         return existing == body  # ours, if the link went through but its reply was lost
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

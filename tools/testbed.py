@@ -147,7 +147,66 @@ class BrokerProcess:
         return Client(self.address, timeout=timeout, attempts=attempts, keys=keys)
 
 
-class Host:
+class _AgentOnHost:
+    """What both kinds of simulated host share: running commands with the host's settings, and
+    reaching its agent; ``cache`` is where the host keeps it."""
+
+    cache: Path
+    name: str
+    env: dict[str, str]
+
+    def _run(
+        self, argv: list[str], timeout: float, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def _popen(self, argv: list[str]) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def agent_pid(self) -> int | None:
+        try:
+            text = (self.cache / "agent.lock").read_text().strip()
+        except OSError:
+            return None
+        if not text.isdigit():
+            return None
+        # Hosts share the pid namespace, so the pid the agent wrote is valid here too.
+        try:
+            alive = psutil.Process(int(text)).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return None
+        return int(text) if alive else None
+
+    def signal_agent(self, signum: int) -> None:
+        pid = self.agent_pid()
+        if pid is None:
+            raise RuntimeError(f"host {self.name} has no agent running")
+        os.kill(pid, signum)
+
+    def agent_log(self) -> str:
+        try:
+            return (self.cache / "agent.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class Host(_AgentOnHost):
     """A simulated host: its own hostname, cache directory, settings and agent."""
 
     def __init__(self, name: str, root: Path, broker: BrokerProcess, **settings: str) -> None:
@@ -179,68 +238,17 @@ class Host:
         self, *args: str, timeout: float = 60.0, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run `dbguard ARGS` on this host and return its result (never raises on exit codes)."""
-        return subprocess.run(
-            self.command(args),
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        return self._run(self.command(args), timeout, cwd=cwd)
 
     def python(self, script: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run a Python script on this host (its hostname, cache and settings)."""
-        return subprocess.run(
-            self.on_host([PYTHON, "-c", script]),
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        return self._run(self.on_host([PYTHON, "-c", script]), timeout)
 
     def popen_python(self, script: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            self.on_host([PYTHON, "-c", script]),
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
+        return self._popen(self.on_host([PYTHON, "-c", script]))
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            self.command(args),
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def agent_pid(self) -> int | None:
-        try:
-            text = (self.cache / "agent.lock").read_text().strip()
-        except OSError:
-            return None
-        if not text:
-            return None
-        pid = int(text)
-        try:
-            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return None
-        return pid if alive else None
-
-    def signal_agent(self, signum: int) -> None:
-        pid = self.agent_pid()
-        if pid is None:
-            raise RuntimeError(f"host {self.name} has no agent running")
-        os.kill(pid, signum)
+        return self._popen(self.command(args))
 
     def kill_agent(self) -> None:
         """SIGKILL the agent and wait until it is gone."""
@@ -250,12 +258,6 @@ class Host:
         os.kill(pid, signal.SIGCONT)
         os.kill(pid, signal.SIGKILL)
         _wait_gone(pid)
-
-    def agent_log(self) -> str:
-        try:
-            return (self.cache / "agent.log").read_text(errors="replace")
-        except OSError:
-            return ""
 
     def stop(self) -> None:
         self.kill_agent()
@@ -293,7 +295,7 @@ def paused(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-class SimHost:
+class SimHost(_AgentOnHost):
     """A whole simulated host: its own hostname, a private /tmp (so its own default cache and
     agent), and its own sshfs mount of the shared project directory at a path of its own.
 
@@ -399,36 +401,13 @@ class SimHost:
             "dbguard",
             *args,
         ]
-        return subprocess.run(
-            command,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        return self._run(command, timeout)
 
     def python(self, script: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.enter(), PYTHON, "-c", script],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        return self._run([*self.enter(), PYTHON, "-c", script], timeout)
 
     def popen_python(self, script: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [*self.enter(), PYTHON, "-c", script],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
+        return self._popen([*self.enter(), PYTHON, "-c", script])
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this host (those sharing the init's UTS namespace)."""
@@ -442,26 +421,6 @@ class SimHost:
                 if os.readlink(f"/proc/{process.pid}/ns/uts") == mine:
                     found.append(process)
         return found
-
-    def agent_pid(self) -> int | None:
-        try:
-            text = (self.cache / "agent.lock").read_text().strip()
-        except OSError:
-            return None
-        if not text.isdigit():
-            return None
-        # The lock holds the pid as the host sees it; with no pid namespace it is the same.
-        try:
-            alive = psutil.Process(int(text)).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return None
-        return int(text) if alive else None
-
-    def signal_agent(self, signum: int) -> None:
-        pid = self.agent_pid()
-        if pid is None:
-            raise RuntimeError(f"host {self.name} has no agent running")
-        os.kill(pid, signum)
 
     def pause(self) -> None:
         """SIGSTOP every process of the host, as a frozen machine."""
@@ -489,12 +448,6 @@ class SimHost:
         """Boot the host again after a crash: a fresh /tmp, a fresh mount."""
         self.crash()
         return self.start()
-
-    def agent_log(self) -> str:
-        try:
-            return (self.cache / "agent.log").read_text(errors="replace")
-        except OSError:
-            return ""
 
     def stop(self) -> None:
         if self.pid:
