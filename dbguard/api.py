@@ -193,6 +193,18 @@ def flush(
                 "lease, so they cannot be flushed; `dbguard acquire` it first (they are kept either way)",
                 project=target.id,
             )
+        # Nothing is dirty because the agent (or a fenced flush) has just set this lease's unflushed
+        # data aside: reporting "nothing to flush" would tell the writer its records are durable.
+        kept = _kept_aside(cache_root, target, lease)
+        if kept:
+            reason = str((lease or {}).get("reason") or "lost")
+            raise LeaseLost(
+                f"this host lost the writer lease of {target.path} ({reason}); {kept} bytes written under "
+                "it were not flushed but kept aside in this host's cache. `dbguard recover` lists them; "
+                "`dbguard acquire` to write again",
+                project=target.id,
+                reason=reason,
+            )
         return {"project": target.id, "records": 0, "bytes": 0, "generation": None}
     writer = {"host": settings.host, "user": settings.user}
     result = flushing.flush_project(cache_root, target, int(lease["token"]), writer=writer, progress=progress)
@@ -202,6 +214,20 @@ def flush(
         "bytes": result.bytes,
         "generation": result.generation,
     }
+
+
+def _kept_aside(cache_root: Path, target: projects.Project, lease: dict[str, Any] | None) -> int:
+    """Bytes of the project set aside under the lease this host last held, if it lost it."""
+    if lease is None:  # no agent answering: its saved table still says which lease it held
+        with contextlib.suppress(OSError, ValueError):
+            saved = json.loads((cache_root / LEASES_NAME).read_text())
+            lease = next((item for item in saved if item.get("project") == target.id), None)
+    if lease is None or lease.get("state") != "lost":
+        return 0
+    token = int(lease["token"])
+    return sum(
+        a.dirty_bytes for a in flushing.list_aside(cache_root) if a.project == target.id and a.token == token
+    )
 
 
 def local_writers(settings: Settings, target: projects.Project) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ class Aside:
     path: Path
     dirty_bytes: int
     reason: str
+    token: int = 0  # of the lease the data was written under
 
 
 @contextlib.contextmanager
@@ -163,6 +164,7 @@ def list_aside(cache_root: Path) -> list[Aside]:
                 note_path.parent,
                 int(note["dirty_bytes"]),
                 note["reason"],
+                int(note.get("token") or 0),
             )
         )
     return found

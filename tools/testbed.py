@@ -295,6 +295,20 @@ def paused(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+def _needed_under_tmp() -> list[Path]:
+    """The checkout and the Python installation, where they lie under /tmp (a CI clone, a
+    worktree, a venv in either): a host with its own /tmp must still run them."""
+    candidates = {
+        Path(__file__).resolve().parent.parent,
+        Path(sys.prefix).resolve(),
+        Path(sys.base_prefix).resolve(),
+    }
+    candidates |= {Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    under = sorted(p for p in candidates if p.is_relative_to("/tmp") and p != Path("/tmp"))
+    # Nested paths ride along with their outermost directory.
+    return [p for p in under if not any(p != q and p.is_relative_to(q) for q in under)]
+
+
 class SimHost(_AgentOnHost):
     """A whole simulated host: its own hostname, a private /tmp (so its own default cache and
     agent), and its own sshfs mount of the shared project directory at a path of its own.
@@ -343,10 +357,23 @@ class SimHost(_AgentOnHost):
 
     def start(self) -> SimHost:
         # The mount points live on a private tmpfs over /mnt, so nothing is created outside.
-        setup = (
-            f'hostname "$0" && mount --make-rprivate / && mount --bind {self.tmp} /tmp && '
-            f"mount -t tmpfs tmpfs /mnt && mkdir -p /tmp/home {self.project} && "
-            "echo $$ && exec sleep infinity"
+        # What the host must still see of the real /tmp (a checkout or a venv there, as in CI)
+        # is bound aside first and back to the same paths over the host's own /tmp.
+        keep = [str(path) for path in _needed_under_tmp()]
+        stash = " && ".join(
+            f"mkdir -p /mnt/.keep/{n} && mount --bind {p} /mnt/.keep/{n}" for n, p in enumerate(keep)
+        )
+        restore = " && ".join(f"mkdir -p {p} && mount --bind /mnt/.keep/{n} {p}" for n, p in enumerate(keep))
+        setup = " && ".join(
+            part
+            for part in (
+                'hostname "$0" && mount --make-rprivate / && mount -t tmpfs tmpfs /mnt',
+                stash,
+                f"mount --bind {self.tmp} /tmp",
+                restore,
+                f"mkdir -p /tmp/home {self.project} && echo $$ && exec sleep infinity",
+            )
+            if part
         )
         self.init = subprocess.Popen(
             ["unshare", "--uts", "--mount", "--fork", "sh", "-c", setup, self.name],
