@@ -48,8 +48,9 @@ class CacheCorrupt(CacheError):
         self.detail = detail
         super().__init__(
             f"cache environment {path} is damaged or is not an LMDB environment "
-            f"({detail}): its entries cannot be read; run `dbguard clear` to drop it, "
-            f"or move the directory aside to keep it for inspection"
+            f"({detail}): its entries cannot be read, so `dbguard clear` will not drop it; "
+            f"move the directory aside (keep it: it may hold records never flushed) and a "
+            f"fresh cache is made for the project"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -37,7 +37,7 @@ import zmq
 from cache import CacheError, CacheStore
 from dbguard import flushing, protocol
 from dbguard.client import Client, error_from_reply, for_broker
-from dbguard.errors import Fenced, GuardError, LeaseHeld
+from dbguard.errors import ExitCode, Fenced, GuardError, LeaseHeld
 from dbguard.leases import Holder
 from dbguard.project import Project, token_floor, write_writer_record
 from dbguard.project_store import FlushResult
@@ -93,6 +93,7 @@ class Agent:
         self.broker = for_broker(settings)
         self.leases: dict[str, HeldLease] = {}
         self.notices: list[dict[str, Any]] = []
+        self._damaged: set[str] = set()  # projects whose cache could not be read, noticed once
         self._table_lock = threading.RLock()
         self._work: queue.Queue[Callable[[], None]] = queue.Queue()
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -200,7 +201,15 @@ class Agent:
     # ------------------------------------------------------------ heartbeats
 
     def unflushed(self, project: str) -> int:
-        return CacheStore.dirty_bytes_of(self.cache_dir, project)
+        try:
+            return CacheStore.dirty_bytes_of(self.cache_dir, project)
+        except CacheError as exc:
+            # A damaged cache may hold unflushed records: say so (a lease that then expires is
+            # orphaned, not freed) and keep renewing, rather than let the heartbeat thread die.
+            if project not in self._damaged:
+                self._damaged.add(project)
+                self._notice(project, str(exc))
+            return 1
 
     def _heartbeat_loop(self) -> None:
         client = for_broker(self.settings)
@@ -395,8 +404,10 @@ class Agent:
         except Fenced as exc:
             return protocol.reply_error(req_id, ErrorKind.INTEGRITY, exc.message)
         except GuardError as exc:
-            kind = ErrorKind.UNAVAILABLE if exc.exit_code == 4 else ErrorKind.INTERNAL
-            return protocol.reply_error(req_id, kind, exc.message)
+            kinds = {ExitCode.UNREACHABLE: ErrorKind.UNAVAILABLE, ExitCode.INTEGRITY: ErrorKind.INTEGRITY}
+            return protocol.reply_error(req_id, kinds.get(exc.exit_code, ErrorKind.INTERNAL), exc.message)
+        except CacheError as exc:  # a damaged cache: the command exits 6 and names it
+            return protocol.reply_error(req_id, ErrorKind.INTEGRITY, str(exc))
         except (KeyError, TypeError, ValueError) as exc:
             return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"malformed request: {exc!r}")
 
@@ -426,7 +437,7 @@ class Agent:
                 flushing.adopt_store(self.cache_dir, project, lease.token, self._writer())
                 writer = {**self._writer(), "since": _wall_text(lease.since), "token": lease.token}
                 write_writer_record(project, writer=writer, token=lease.token)
-            except GuardError:
+            except (GuardError, CacheError):
                 self._release(project.id)
                 raise
         self._save()

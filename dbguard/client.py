@@ -133,7 +133,7 @@ class Client:
                 # A receive timeout instead of poll() + recv(): one call less per request.
                 sock.setsockopt(zmq.RCVTIMEO, int(left * 1000) + 1)
                 try:
-                    reply = protocol.decode(sock.recv())
+                    reply = protocol.decode(sock.recv(), limit=None)
                 except zmq.Again:
                     break
                 except protocol.ProtocolError:

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cache import CacheError, CacheStore, Reader
+from cache import CacheCorrupt, CacheError, CacheStore, Reader
 from dbguard import local_agent
 from dbguard import project as projects
-from dbguard.errors import GuardError, UsageError
+from dbguard.errors import GuardError, IntegrityError, LeaseHeld, LeaseLost, UsageError
 from dbguard.flushing import LOCKS
 from dbguard.project_store import ProjectStore
 from dbguard.settings import Settings, load
@@ -71,13 +71,16 @@ class ImageDB:
             assert self._cache is not None
             self._cache.raise_count(name, self._view.count(name))
         else:
-            with contextlib.suppress(GuardError):
+            # Not GuardError: a damaged cache is an error, not a reason to show fewer records.
+            with contextlib.suppress(LeaseHeld, LeaseLost):
                 self._guard.check()
                 self._open_cache()  # this host writes the project: show its unflushed records
 
     def _open_cache(self) -> None:
         try:
             self._cache = CacheStore(self._cache_root, self.project.id)
+        except CacheCorrupt as exc:
+            raise IntegrityError(str(exc), path=exc.path) from exc
         except CacheError as exc:
             raise GuardError(str(exc)) from exc
 

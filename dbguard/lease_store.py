@@ -64,6 +64,7 @@ class LmdbLeaseStore(LeaseStore):
             self._env = lmdb.open(
                 str(self.path / "leases"), map_size=self.MAP_SIZE, max_dbs=4, sync=False, metasync=False
             )
+            self._check_complete()
             self._projects = self._env.open_db(b"projects")
             self._meta = self._env.open_db(b"meta")
             self._identity = self._ensure_identity()
@@ -75,6 +76,14 @@ class LmdbLeaseStore(LeaseStore):
                 ".dbguard directory, so tokens stay increasing",
                 path=str(self.path),
             ) from exc
+
+    def _check_complete(self) -> None:
+        # A data.mdb cut short (a copy or restore that stopped early) keeps meta pages that point
+        # past its end. LMDB would read there through its map and die of SIGBUS, with no message.
+        needed = (int(self._env.info()["last_pgno"]) + 1) * int(self._env.stat()["psize"])
+        size = (self.path / "leases" / "data.mdb").stat().st_size
+        if size < needed:
+            raise lmdb.CorruptedError(f"data.mdb is truncated: {size} bytes, its pages reach {needed}")
 
     def _lock_exclusively(self) -> int:
         # Two brokers on one state directory would each issue tokens from the same counter.

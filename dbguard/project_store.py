@@ -56,6 +56,9 @@ ALIGN = 64
 _TRAILER = struct.Struct("<8sIQQI")
 _MAGIC = b"DBGSEG01"
 
+# What to do about a damaged segment: it is immutable, so a backup's copy is as good as the original.
+_RESTORE = "; restore that file from a backup (`dbguard verify` lists every damaged file and record)"
+
 # Disk-full and quota errors: the flush fails cleanly, the cache keeps the data, retry later.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -257,15 +260,17 @@ class ProjectStore:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             if size < _TRAILER.size:
-                raise IntegrityError(f"segment {path} is truncated ({size} bytes)", path=str(path))
+                raise IntegrityError(f"segment {path} is truncated ({size} bytes){_RESTORE}", path=str(path))
             handle.seek(size - _TRAILER.size)
             magic, fmt, offset, length, crc = _TRAILER.unpack(handle.read(_TRAILER.size))
             if magic != _MAGIC or fmt != FORMAT or offset + length + _TRAILER.size != size:
-                raise IntegrityError(f"segment {path} has a damaged trailer", path=str(path))
+                raise IntegrityError(f"segment {path} has a damaged trailer{_RESTORE}", path=str(path))
             handle.seek(offset)
             raw = handle.read(length)
         if crc32(raw) != crc:
-            raise IntegrityError(f"segment {path} has a damaged index (checksum mismatch)", path=str(path))
+            raise IntegrityError(
+                f"segment {path} has a damaged index (checksum mismatch){_RESTORE}", path=str(path)
+            )
         return [Entry.from_json(name, item) for item in json.loads(raw)]
 
     # ------------------------------------------------------------- writing
@@ -438,6 +443,16 @@ class ProjectStore:
                 temp.unlink(missing_ok=True)
             if not published:
                 base = self.latest()
+                if base.generation < manifest.generation:
+                    # The name is taken by a manifest that latest() skipped as damaged. Its token
+                    # is unknown, so publishing past it could write over a newer writer's work.
+                    raise IntegrityError(
+                        f"cannot publish a generation: the newest manifest {target} is damaged, so "
+                        "this host cannot tell whether a newer writer has fenced it; nothing was published "
+                        "and the data stays in this host's cache. Run `dbguard verify` on the project and "
+                        "restore that manifest from a backup",
+                        path=str(target),
+                    )
                 self._check_token(base, token)
                 continue
             return manifest
@@ -526,8 +541,8 @@ class ProjectStore:
             payload = handle.read(entry.length)
         if len(payload) != entry.length or record_crc(payload, entry.attrs) != entry.crc:
             raise IntegrityError(
-                f"record {entry.index} of {entry.db!r} in segment {entry.segment} "
-                "does not match its checksum",
+                f"record {entry.index} of {entry.db!r} in segment {path or self.segment_path(entry.segment)} "
+                f"does not match its checksum{_RESTORE}",
                 path=str(path or self.segment_path(entry.segment)),
             )
         return payload

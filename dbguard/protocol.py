@@ -101,6 +101,12 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
 _HOLDER_FIELDS: Final = {"host": str, "user": str, "agent": str, "cache": str}
 _RENEW_ITEM_FIELDS: Final = {"project": str, "token": int, "unflushed": int}
 _MAX_NAME = 4096  # a cache path may be long
+# Tokens and byte counts fit in 64 bits wherever they are kept; an unbounded JSON integer would
+# also make the broker fail when it writes the reply (CPython prints at most 4300 digits).
+_MAX_INT = 2**63 - 1
+# Projects are named by a 36-character UUID; the broker keys its LMDB records by the name, and an
+# LMDB key holds at most 511 bytes (a longer one fails the commit, and with it the broker).
+_MAX_PROJECT_BYTES = 255
 
 
 def new_request_id() -> str:
@@ -123,13 +129,19 @@ def reply_error(req_id: str, kind: ErrorKind, message: str, **fields: Any) -> di
     return {"v": VERSION, "id": req_id, "ok": False, "error": str(kind), "message": message, **fields}
 
 
-def decode(frame: bytes) -> dict[str, Any]:
-    """Parse one frame into a JSON object, or raise ProtocolError saying what is wrong."""
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
+def decode(frame: bytes, *, limit: int | None = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Parse one frame into a JSON object, or raise ProtocolError saying what is wrong.
+
+    ``limit`` is for requests; a client reading replies passes None: the status of every
+    project of a site is far larger than any request.
+    """
+    if limit is not None and len(frame) > limit:
+        raise ProtocolError(f"message of {len(frame)} bytes exceeds {limit}")
+    # ValueError covers bad JSON, bad UTF-8, and an integer of more than 4300 digits, which
+    # json.loads refuses with a plain ValueError (CPython's int_max_str_digits).
     try:
         message = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"not a JSON object: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("not a JSON object")
@@ -140,14 +152,15 @@ def decode_request(frame: bytes) -> dict[str, Any]:
     """Decode and validate a broker request; raise ProtocolError naming the bad field."""
     message = decode(frame)
     req_id = message.get("id")
-    if not isinstance(req_id, str) or not 0 < len(req_id) <= 64:
+    if not isinstance(req_id, str) or not 0 < len(req_id) <= 64 or not _is_text(req_id):
         raise ProtocolError("'id' must be a string of 1 to 64 characters")
-    if message.get("v") != VERSION:
+    # type() and not ==: true and 1.0 equal 1 in Python but are not this version.
+    if type(message.get("v")) is not int or message["v"] != VERSION:
         raise ProtocolError(
             f"unsupported protocol version {message.get('v')!r}; this broker speaks {VERSION}"
         )
     op = message.get("op")
-    if op not in _SCHEMAS:
+    if not isinstance(op, str) or op not in _SCHEMAS:  # a list or object cannot be looked up
         raise ProtocolError(f"unknown operation {op!r}")
     _check_fields(message, _SCHEMAS[op], {"v", "id", "op"})
     if "holder" in message:
@@ -157,11 +170,15 @@ def decode_request(frame: bytes) -> dict[str, Any]:
             raise ProtocolError("'leases' lists more than 10000 projects")
         for item in message["leases"]:
             _check_flat(item, _RENEW_ITEM_FIELDS, "leases[]")
+    projects = [item["project"] for item in message["leases"]] if op == Op.RENEW else [message.get("project")]
+    for project in projects:
+        if project is not None and len(project.encode()) > _MAX_PROJECT_BYTES:
+            raise ProtocolError(f"a project name must be at most {_MAX_PROJECT_BYTES} bytes of UTF-8")
     if message.get("mode", "write") not in ("write", "read"):
         raise ProtocolError("'mode' must be 'write' or 'read'")
     for name in ("floor", "unflushed", "token"):
-        if name in message and message[name] < 0:
-            raise ProtocolError(f"'{name}' must not be negative")
+        if name in message and not 0 <= message[name] <= _MAX_INT:
+            raise ProtocolError(f"'{name}' must be from 0 to 2**63 - 1")
     return message
 
 
@@ -183,6 +200,8 @@ def _check_fields(
             raise ProtocolError(f"field '{name}' has the wrong type")
         if isinstance(value, str) and not 0 < len(value) <= _MAX_NAME:
             raise ProtocolError(f"field '{name}' must be 1 to {_MAX_NAME} characters")
+        if isinstance(value, str) and not _is_text(value):
+            raise ProtocolError(f"field '{name}' is not valid Unicode (a lone surrogate)")
     extra = set(message) - set(schema) - envelope
     if extra:
         raise ProtocolError(f"unknown field(s) {sorted(extra)}")
@@ -197,8 +216,20 @@ def _check_flat(value: Any, fields: Mapping[str, type], where: str) -> None:
             raise ProtocolError(f"'{where}.{name}' is missing or has the wrong type")
         if isinstance(item, str) and not 0 < len(item) <= _MAX_NAME:
             raise ProtocolError(f"'{where}.{name}' must be 1 to {_MAX_NAME} characters")
-        if isinstance(item, int) and item < 0:
-            raise ProtocolError(f"'{where}.{name}' must not be negative")
+        if isinstance(item, str) and not _is_text(item):
+            raise ProtocolError(f"'{where}.{name}' is not valid Unicode (a lone surrogate)")
+        if isinstance(item, int) and not 0 <= item <= _MAX_INT:
+            raise ProtocolError(f"'{where}.{name}' must be from 0 to 2**63 - 1")
     extra = set(value) - set(fields)
     if extra:
         raise ProtocolError(f"unknown field(s) {sorted(extra)} in '{where}'")
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` encodes as UTF-8. JSON's "\\ud800" decodes to a lone surrogate, which
+    cannot be a project name: the broker keys its LMDB records by the name's UTF-8 bytes."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
