@@ -987,11 +987,7 @@ class CacheStore:
         """
         path = _project_path(root, project_id)
         with _REGISTRY.lock:
-            if _REGISTRY.get(path) is not None:
-                raise CacheError(
-                    f"cannot drop cache environment {path}: this process still has it "
-                    f"open; close every CacheStore of project {project_id} first"
-                )
+            _refuse_if_open(path, project_id, "drop")
             if not path.exists():
                 return
             # Renamed first so that a concurrent open sees the whole environment or
@@ -1012,11 +1008,7 @@ class CacheStore:
         path = _project_path(root, project_id)
         aside_root = Path(root) / ASIDE / label
         with _REGISTRY.lock:
-            if _REGISTRY.get(path) is not None:
-                raise CacheError(
-                    f"cannot set aside cache environment {path}: this process still has it "
-                    f"open; close every CacheStore of project {project_id} first"
-                )
+            _refuse_if_open(path, project_id, "set aside")
             if not path.exists():
                 return None
             target = _project_path(aside_root, project_id)
@@ -1043,6 +1035,16 @@ class CacheStore:
             # Held under the registry lock so that no store of this process opens
             # the environment while this second handle exists.
             return _read_dirty_bytes(path)
+
+
+def _refuse_if_open(path: Path, project_id: str, verb: str) -> None:
+    """Moving or deleting an environment this process has open would leave its stores
+    writing to unlinked files; call with the registry lock held."""
+    if _REGISTRY.get(path) is not None:
+        raise CacheError(
+            f"cannot {verb} cache environment {path}: this process still has it "
+            f"open; close every CacheStore of project {project_id} first"
+        )
 
 
 def _read_dirty_bytes(path: Path) -> int:
