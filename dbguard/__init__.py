@@ -6,6 +6,7 @@ The public names are handed on from the modules that define them.
 from dbguard.api import acquire, break_lease, clear, flush, init, open, release, status
 from dbguard.errors import (
     BrokerUnavailable,
+    EtcdClusterError,
     ExitCode,
     Fenced,
     GuardError,
@@ -20,6 +21,7 @@ from dbguard.imagedb import ImageDB
 
 __all__ = [
     "BrokerUnavailable",
+    "EtcdClusterError",
     "ExitCode",
     "Fenced",
     "GuardError",

@@ -115,6 +115,17 @@ class LeaseLost(GuardError):
         self.reason = reason
 
 
+class EtcdClusterError(GuardError):
+    """A local etcd cluster (`dbguard up --etcd`, the tests) did not start, answer or stop;
+    `directory` is the cluster's directory and `member` the index of the member at fault (-1 if
+    no single member is)."""
+
+    def __init__(self, message: str, directory: str = "", member: int = -1) -> None:
+        super().__init__(message)
+        self.directory = directory
+        self.member = member
+
+
 class ProjectBusy(GuardError):
     """A process of this host still has the project open for writing (see `dbguard clear`)."""
 
