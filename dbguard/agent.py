@@ -36,8 +36,9 @@ import zmq
 
 from cache import CacheError, CacheStore
 from dbguard import flushing, protocol
-from dbguard.client import Client, error_from_reply, for_broker
+from dbguard.client import error_from_reply
 from dbguard.errors import ExitCode, Fenced, GuardError, LeaseHeld
+from dbguard.lease_service import LeaseService, for_broker
 from dbguard.leases import Holder
 from dbguard.project import Project, token_floor, write_writer_record
 from dbguard.project_store import FlushResult
@@ -233,7 +234,7 @@ class Agent:
         finally:
             client.close()
 
-    def _heartbeat(self, client: Client, live: list[HeldLease], interval: float) -> None:
+    def _heartbeat(self, client: LeaseService, live: list[HeldLease], interval: float) -> None:
         if not live:
             return
         now = time.monotonic()

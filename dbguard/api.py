@@ -22,10 +22,11 @@ from cache import CacheStore, UnsafeCacheLocation, check_not_network
 from dbguard import flushing, local_agent
 from dbguard import project as projects
 from dbguard.agent import LEASES_NAME
-from dbguard.client import Client, for_broker
+from dbguard.client import Client
 from dbguard.errors import GuardError, LeaseHeld, LeaseLost, ProjectBusy, UnsafeCachePath, UsageError
 from dbguard.imagedb import ImageDB, writers_lock_path
 from dbguard.imagedb import open as open_imagedb
+from dbguard.lease_service import for_broker
 from dbguard.project_store import ProjectStore
 from dbguard.protocol import AgentOp, Op
 from dbguard.settings import Settings, load

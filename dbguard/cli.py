@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -19,9 +20,9 @@ import click
 
 from cache import CacheError, UnsafeCacheLocation
 from dbguard import api, local_agent
-from dbguard.client import for_broker
 from dbguard.errors import BrokerUnavailable, ExitCode, GuardError, UsageError
 from dbguard.keys import authorize, broker_keys, init_broker, init_client
+from dbguard.lease_service import for_broker
 from dbguard.leases import Timing
 from dbguard.protocol import AgentOp, Op
 from dbguard.settings import Settings, load
@@ -33,7 +34,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _common(func: F) -> F:
     """Options every command shares; they override environment and config files."""
 
-    @click.option("--broker", help="Broker address, tcp://host:port (env DBGUARD_BROKER).")
+    @click.option(
+        "--broker",
+        help="Broker address, tcp://host:port, or etcd://host:port[,host:port...] (env DBGUARD_BROKER).",
+    )
     @click.option("--cache", type=click.Path(path_type=Path), help="Cache directory (env DBGUARD_CACHE).")
     @click.option("--ttl", type=float, help="Lease TTL in seconds (env DBGUARD_TTL).")
     @functools.wraps(func)
@@ -136,16 +140,28 @@ def _log_to_stderr() -> None:
 
 
 @main.command()
+@click.option(
+    "--etcd",
+    "use_etcd",
+    is_flag=True,
+    help="Start a local three-member etcd cluster as the lease service instead of a broker.",
+)
 @_json_option
 @_common
-def up(settings: Settings, as_json: bool) -> None:
-    """Start a broker and an agent on this machine (a cluster of one) and print the address."""
-    started = _start_broker(settings)
+def up(settings: Settings, as_json: bool, use_etcd: bool) -> None:
+    """Start a broker (or, with --etcd, an etcd cluster) and an agent on this machine, and
+    print the address to export as DBGUARD_BROKER."""
+    if use_etcd:
+        started, settings = _start_etcd(settings)
+        what = "etcd"
+    else:
+        started, what = _start_broker(settings), "broker"
     client = local_agent.connect(settings)
     with client:
         agent_info = client.call_ok(AgentOp.HELLO)
     data = {
         "broker": settings.broker,
+        "backend": what,
         "started": started,
         "state": str(settings.state),
         "agent": {k: agent_info[k] for k in ("host", "user", "pid", "cache")},
@@ -153,14 +169,45 @@ def up(settings: Settings, as_json: bool) -> None:
     how = "started" if started else "already running"
     who = f"{agent_info['user']}@{agent_info['host']}"
     text = (
-        f"broker  {settings.broker} ({how}; state in {settings.state})\n"
+        f"{what:<7} {settings.broker} ({how}; state in {settings.state})\n"
         f"agent   {who} pid {agent_info['pid']}, cache {agent_info['cache']}\n"
         f"export DBGUARD_BROKER={settings.broker}"
     )
     _emit(as_json, data, text)
 
 
+def _start_etcd(settings: Settings) -> tuple[bool, Settings]:
+    """A local three-member etcd cluster in the state directory, started unless it runs; the
+    site's timing is stored in it, and the settings returned point at it."""
+    from dbguard.etcd_leases import configure
+    from dbguard.local_etcd import EtcdCluster, etcd_unavailable
+
+    directory = settings.state / "etcd"
+    cluster = EtcdCluster.existing(directory)
+    started = False
+    if cluster is None or len(cluster.running()) < len(cluster.endpoints):
+        why = etcd_unavailable()
+        if why:
+            raise UsageError(f"cannot start a local etcd cluster: {why}")
+        settings.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if cluster is None:
+            cluster = EtcdCluster(directory)
+            cluster.start(detached=True)
+        else:
+            for index in set(range(len(cluster.endpoints))) - set(cluster.running()):
+                cluster.start_member(index)
+        started = True
+    address = cluster.url()
+    configure(address, ttl=settings.ttl, lock_delay=settings.lock_delay, timeout=settings.request_timeout)
+    return started, dataclasses.replace(settings, broker=address)
+
+
 def _start_broker(settings: Settings) -> bool:
+    if settings.broker.startswith("etcd://"):
+        # The site's etcd is not ours to start: check it answers, and say why if it does not.
+        with for_broker(settings, timeout=2.0, attempts=1) as etcd:
+            etcd.call_ok(Op.HELLO)
+        return False
     with for_broker(settings, timeout=1.0, attempts=1) as probe:
         try:
             probe.call_ok(Op.HELLO)
@@ -209,13 +256,21 @@ def _start_broker(settings: Settings) -> bool:
 @_json_option
 @_common
 def down(settings: Settings, as_json: bool) -> None:
-    """Stop this machine's agent and the broker that `dbguard up` started."""
+    """Stop this machine's agent and the broker or etcd cluster that `dbguard up` started."""
     stopped = []
     agent_client = local_agent.running(settings)
     if agent_client is not None:
         with agent_client:
             agent_client.call_ok(AgentOp.SHUTDOWN)
         stopped.append("agent")
+    etcd_dir = settings.state / "etcd"
+    if (etcd_dir / "cluster.json").exists():
+        from dbguard.local_etcd import EtcdCluster
+
+        cluster = EtcdCluster.existing(etcd_dir)
+        if cluster is not None and cluster.running():
+            cluster.stop()
+            stopped.append("etcd")
     pid_file = settings.state / "broker.pid"
     if pid_file.exists():
         pid = int(pid_file.read_text().strip() or 0)

@@ -25,9 +25,8 @@ from dbguard.errors import (
     UnsafeCachePath,
     UsageError,
 )
-from dbguard.keys import ClientKeys, client_keys
+from dbguard.keys import ClientKeys
 from dbguard.protocol import ErrorKind
-from dbguard.settings import Settings
 
 _ENVELOPE = frozenset({"v", "id", "ok"})
 _HANDSHAKE_FAILURES = (
@@ -196,9 +195,3 @@ def error_from_reply(reply: dict[str, Any], address: str = "") -> GuardError:
     if kind in (ErrorKind.USAGE, ErrorKind.BAD_REQUEST, ErrorKind.VERSION):
         return UsageError(message)
     return GuardError(message)
-
-
-def for_broker(settings: Settings, *, timeout: float | None = None, attempts: int = 3) -> Client:
-    """A client of the configured broker, with this machine's keys when the site uses them."""
-    keys = client_keys(settings.keys) if settings.keys is not None else None
-    return Client(settings.broker, timeout=timeout or settings.request_timeout, attempts=attempts, keys=keys)

@@ -80,6 +80,13 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         raise UsageError(f"{origin}: '{name}' must be a non-empty string")
     if name in _PATHS:
         return Path(value).expanduser()
+    if name == "broker" and value.startswith("etcd://"):
+        from dbguard.etcd_leases import EtcdAddress  # only a site with etcd pays for its client
+
+        try:
+            EtcdAddress.parse(value)
+        except UsageError as exc:
+            raise UsageError(f"{origin}: {exc}") from None
     if name == "broker" and not value.startswith(("tcp://", "etcd://", "ipc://")):
         raise UsageError(
             f"{origin}: broker address {value!r} must look like tcp://host:port "

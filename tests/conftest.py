@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbguard.local_etcd import EtcdCluster, etcd_unavailable
 
-from tools.testbed import BrokerProcess, Host, namespaces_unavailable
+from tools.testbed import BrokerProcess, EtcdBackend, Host, LeaseBackend, namespaces_unavailable
 
 # Short timings keep the suite fast; every test that waits for an expiry uses these.
 TTL = 1.5
@@ -40,18 +42,55 @@ def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerPro
         print(f"\n----- broker log ({process.log_path}) -----\n{process.log()}")
 
 
+def _fail_or_skip(why: str) -> None:
+    # CI runs as root on a machine that has (or installs) what the tests need: there a missing
+    # piece is a failure, not a skip.
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A real three-member etcd cluster on loopback, shared by the session's etcd tests; each
+    test works under a key prefix of its own. Tests that stop members restore them."""
+    why = etcd_unavailable()
+    if why:
+        _fail_or_skip(f"the etcd tests need etcd: {why}")
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def hosts(tmp_path: Path, broker: BrokerProcess, request: pytest.FixtureRequest) -> Iterator[dict[str, Host]]:
+def etcd_backend(etcd_cluster: EtcdCluster, request: pytest.FixtureRequest) -> Iterator[EtcdBackend]:
+    for index in range(len(etcd_cluster.endpoints)):
+        if index not in etcd_cluster.running():  # a member an earlier test failed to restore
+            etcd_cluster.start_member(index)
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    backend = EtcdBackend(etcd_cluster, prefix, ttl=TTL, lock_delay=LOCK_DELAY)
+    yield backend
+    if _failed(request):
+        print(f"\n----- etcd logs (prefix {prefix}) -----\n{backend.log()}")
+
+
+@pytest.fixture
+def backend(broker: BrokerProcess) -> LeaseBackend:
+    """The lease service the hosts use: the embedded broker, unless a module overrides this
+    fixture (the conformance suite runs on both)."""
+    return broker
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, backend: LeaseBackend, request: pytest.FixtureRequest) -> Iterator[dict[str, Host]]:
     """Simulated hosts a, b and c, each with its own hostname, cache and agent."""
     if _WHY_NO_HOSTS:
-        # CI runs as root on a machine where namespaces work: there this is a failure, not a skip.
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"simulated hosts need Linux namespaces: {_WHY_NO_HOSTS}")
-        pytest.skip(f"simulated hosts need Linux namespaces (run as root): {_WHY_NO_HOSTS}")
+        _fail_or_skip(f"simulated hosts need Linux namespaces (run as root): {_WHY_NO_HOSTS}")
     # Agents flush only when told to unless a test shortens this; periodic flushes would make
     # "unflushed" figures depend on timing.
     made = {
-        name: Host(f"host-{name}", tmp_path / "hosts", broker, flush_interval="3600")
+        name: Host(f"host-{name}", tmp_path / "hosts", backend, flush_interval="3600")
         for name in ("a", "b", "c")
     }
     yield made

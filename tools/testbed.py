@@ -20,12 +20,15 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import psutil
+from dbguard.local_etcd import EtcdCluster
 
 from dbguard import keys as dbguard_keys
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable
+from dbguard.etcd_leases import EtcdLeases, configure
 from tools.sshfs import Mount, SshServer
 
 PYTHON = sys.executable
@@ -49,8 +52,26 @@ def namespaces_unavailable() -> str | None:
     return None
 
 
+class LeaseBackend(Protocol):
+    """What the tests ask of a lease service, whichever implements it: the embedded broker
+    (`BrokerProcess`) or an etcd cluster (`EtcdBackend`)."""
+
+    kind: str
+    address: str  # what DBGUARD_BROKER is set to
+
+    def restart(self) -> None:
+        """Crash the service (SIGKILL) and bring it back on the same durable state."""
+
+    def lose_state(self) -> None:
+        """Crash the service and bring it back with its durable lease state gone."""
+
+    def log(self) -> str: ...
+
+
 class BrokerProcess:
     """A real `dbguard broker` process on a fixed loopback port, restartable on the same state."""
+
+    kind = "embedded"
 
     def __init__(
         self,
@@ -126,6 +147,11 @@ class BrokerProcess:
         self.kill()
         self.start()
 
+    def lose_state(self) -> None:
+        self.kill()
+        shutil.rmtree(self.state_dir)
+        self.start()
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
@@ -145,6 +171,39 @@ class BrokerProcess:
     def client(self, timeout: float = 3.0, attempts: int = 3) -> Client:
         keys = dbguard_keys.client_keys(self.client_keys) if self.client_keys else None
         return Client(self.address, timeout=timeout, attempts=attempts, keys=keys)
+
+
+class EtcdBackend:
+    """The lease service on a real etcd cluster, under a key prefix of this test's own, so that
+    tests can share one cluster; the site's timing is stored there as `dbguard up --etcd` does."""
+
+    kind = "etcd"
+
+    def __init__(self, cluster: EtcdCluster, prefix: str, *, ttl: float, lock_delay: float) -> None:
+        self.cluster = cluster
+        self.prefix = prefix
+        self.address = cluster.url(prefix)
+        self.ttl, self.lock_delay = ttl, lock_delay
+        configure(self.address, ttl=ttl, lock_delay=lock_delay)
+
+    def restart(self) -> None:
+        """The leader crashes and comes back: the remaining majority carries on meanwhile."""
+        leader = self.cluster.wait_for_leader()
+        self.cluster.kill(leader)
+        self.cluster.wait_for_leader(exclude=leader)
+        self.cluster.start_member(leader)
+
+    def lose_state(self) -> None:
+        """Every key of this site is gone, as after restoring etcd from nothing."""
+        with EtcdLeases(self.address) as leases:
+            leases.transport.delete_prefix(leases.root)
+        configure(self.address, ttl=self.ttl, lock_delay=self.lock_delay)
+
+    def log(self) -> str:
+        return "\n".join(
+            f"----- etcd member {index} -----\n{self.cluster.log(index)[-4000:]}"
+            for index in range(len(self.cluster.endpoints))
+        )
 
 
 class _AgentOnHost:
@@ -209,7 +268,7 @@ class _AgentOnHost:
 class Host(_AgentOnHost):
     """A simulated host: its own hostname, cache directory, settings and agent."""
 
-    def __init__(self, name: str, root: Path, broker: BrokerProcess, **settings: str) -> None:
+    def __init__(self, name: str, root: Path, broker: LeaseBackend, **settings: str) -> None:
         self.name = name
         self.root = root / name
         self.cache = self.root / "cache"
