@@ -4,6 +4,7 @@ tests/test_leases_e2e.py, which runs on etcd too."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from dbguard.errors import UsageError
-from dbguard.etcd_leases import EtcdAddress
+from dbguard.etcd_leases import EtcdAddress, EtcdLeases
 from dbguard.local_etcd import EtcdCluster
 from tests.conftest import TTL
 from tools.testbed import EtcdBackend, Host, wait_for
@@ -173,3 +174,40 @@ def test_up_etcd_starts_a_local_three_member_cluster_that_down_stops(tmp_path: P
 
 def _environ() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("DBGUARD_")}
+
+
+def test_racing_clients_never_hold_one_project_at_once(etcd_backend: EtcdBackend) -> None:
+    """Eight clients, each with its own connection, race for one project for a few seconds:
+    the grants they observe never overlap and their tokens strictly increase in grant order."""
+    events: list[tuple[float, float, int, str]] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 4.0
+
+    def client(index: int) -> None:
+        who = {"host": f"racer-{index}", "user": "u", "agent": f"a{index}", "cache": "/c"}
+        with EtcdLeases(etcd_backend.address) as leases:
+            while time.monotonic() < deadline:
+                reply = leases.call("acquire", project="contended", holder=who)
+                if not reply["ok"]:
+                    assert reply["error"] == "held", reply
+                    continue
+                # What the client saw of its hold, from the grant's reply to sending the release,
+                # lies inside the hold etcd recorded; these must not overlap.
+                granted = time.monotonic()
+                time.sleep(0.001)
+                releasing = time.monotonic()
+                leases.call_ok("release", project="contended", holder=who, token=reply["token"])
+                with lock:
+                    events.append((granted, releasing, reply["token"], who["host"]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    events.sort()
+    assert len(events) > 20, events
+    assert len({host for *_, host in events}) > 1  # several clients got their turn
+    for (_, end, token, host), (start, _, later, other) in itertools.pairwise(events):
+        assert end <= start, f"{host} (token {token}) still held when {other} (token {later}) was granted"
+        assert later > token
