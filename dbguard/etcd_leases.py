@@ -848,16 +848,7 @@ class EtcdLeases:
         view = self._observe(view)
         state = view.state
         if view.writer is None and view.meta is None and not view.queue and not view.readers:
-            return {
-                "project": view.project,
-                "state": str(LeaseState.FREE),
-                "known": False,
-                "token": 0,
-                "writer": None,
-                "readers": [],
-                "queue": [],
-                "grace_left": 0.0,
-            }
+            return protocol.unknown_project_status(view.project, 0.0)
         writer = None
         if view.writer is not None and state is not LeaseState.FREE:
             record = view.writer.value
@@ -873,20 +864,19 @@ class EtcdLeases:
                 "unflushed": int(record.get("unflushed", 0)),
                 "takeover_by": record.get("takeover_by"),
             }
-        return {
-            "project": view.project,
-            "known": True,
-            "state": str(state),
-            "token": view.last_token,
-            "writer": writer,
-            "free_in": self._delay_left(view) if state is LeaseState.LOCK_DELAY else None,
-            "readers": [{"host": h.host, "user": h.user} for h, _ in view.readers.values()],
-            "queue": [
+        return protocol.project_status(
+            view.project,
+            state=str(state),
+            token=view.last_token,
+            writer=writer,
+            free_in=self._delay_left(view) if state is LeaseState.LOCK_DELAY else None,
+            readers=[{"host": h.host, "user": h.user} for h, _ in view.readers.values()],
+            queue=[
                 {"host": w.holder.host, "user": w.holder.user, "takeover": w.takeover} for w in view.queue
             ],
-            "last_loss": dict(view.loss.value) if view.loss else None,
-            "grace_left": 0.0,
-        }
+            last_loss=dict(view.loss.value) if view.loss else None,
+            grace_left=0.0,
+        )
 
 
 def configure(address: str, *, ttl: float, lock_delay: float, timeout: float = 5.0) -> None:

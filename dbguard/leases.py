@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from dbguard import protocol
+
 
 class LeaseState(StrEnum):
     """What the broker knows about a project's writer lease (a state, not a boolean)."""
@@ -321,16 +323,7 @@ class LeaseTable:
     def status(self, project: str, now: float, wall: float) -> dict[str, Any]:
         entry = self._touch(project, now, wall, create=False)
         if entry is None:
-            return {
-                "project": project,
-                "state": str(LeaseState.FREE),
-                "known": False,
-                "token": 0,
-                "writer": None,
-                "readers": [],
-                "queue": [],
-                "grace_left": self._grace_left(now),
-            }
+            return protocol.unknown_project_status(project, self._grace_left(now))
         writer = None
         if entry.writer is not None:
             w = entry.writer
@@ -343,20 +336,19 @@ class LeaseTable:
                 "unflushed": w.unflushed,
                 "takeover_by": w.takeover_by,
             }
-        return {
-            "project": project,
-            "known": True,
-            "state": str(entry.state),
-            "token": entry.last_token,
-            "writer": writer,
-            "free_in": max(0.0, entry.free_at - now) if entry.state is LeaseState.LOCK_DELAY else None,
-            "readers": [{"host": h.host, "user": h.user} for h, _ in entry.readers.values()],
-            "queue": [
+        return protocol.project_status(
+            project,
+            state=str(entry.state),
+            token=entry.last_token,
+            writer=writer,
+            free_in=max(0.0, entry.free_at - now) if entry.state is LeaseState.LOCK_DELAY else None,
+            readers=[{"host": h.host, "user": h.user} for h, _ in entry.readers.values()],
+            queue=[
                 {"host": w.holder.host, "user": w.holder.user, "takeover": w.takeover} for w in entry.queue
             ],
-            "last_loss": entry.loss.__dict__.copy() if entry.loss else None,
-            "grace_left": self._grace_left(now),
-        }
+            last_loss=entry.loss.__dict__.copy() if entry.loss else None,
+            grace_left=self._grace_left(now),
+        )
 
     def known_projects(self) -> list[str]:
         return sorted(self.projects)

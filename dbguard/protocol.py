@@ -233,3 +233,45 @@ def _is_text(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def unknown_project_status(project: str, grace_left: float) -> dict[str, Any]:
+    """The status of a project the lease service has no record of (free, token 0)."""
+    return {
+        "project": project,
+        "state": "free",
+        "known": False,
+        "token": 0,
+        "writer": None,
+        "readers": [],
+        "queue": [],
+        "grace_left": grace_left,
+    }
+
+
+def project_status(
+    project: str,
+    *,
+    state: str,
+    token: int,
+    writer: dict[str, Any] | None,
+    free_in: float | None,
+    readers: list[dict[str, Any]],
+    queue: list[dict[str, Any]],
+    last_loss: dict[str, Any] | None,
+    grace_left: float,
+) -> dict[str, Any]:
+    """One project's entry in a status reply, the same from either lease service. ``writer``
+    holds host, user, since, token, ttl_left, unflushed and takeover_by."""
+    return {
+        "project": project,
+        "known": True,
+        "state": state,
+        "token": token,
+        "writer": writer,
+        "free_in": free_in,
+        "readers": readers,
+        "queue": queue,
+        "last_loss": last_loss,
+        "grace_left": grace_left,
+    }

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,6 +19,7 @@ from dbguard.errors import UsageError
 from dbguard.etcd_leases import EtcdAddress, EtcdLeases
 from dbguard.local_etcd import EtcdCluster
 from tests.conftest import TTL
+from tests.test_leases_e2e import project_state
 from tools.testbed import EtcdBackend, Host, wait_for
 
 
@@ -30,13 +30,6 @@ def backend(etcd_backend: EtcdBackend) -> EtcdBackend:
 
 def acquire(host: Host, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return host.run("acquire", str(project), "--json", *args)
-
-
-def state(host: Host, project: Path) -> dict[str, Any]:
-    result = host.run("status", str(project), "--json")
-    assert result.returncode == 0, result.stderr
-    item: dict[str, Any] = json.loads(result.stdout)["projects"][0]
-    return item
 
 
 def test_killing_the_leader_keeps_the_lease_and_never_grants_a_second_writer(
@@ -70,7 +63,7 @@ def test_killing_the_leader_keeps_the_lease_and_never_grants_a_second_writer(
         cluster.start_member(leader)
     assert outcomes and set(outcomes) <= {3, 4}, outcomes
     assert 3 in outcomes  # the new leader answered while a held the project
-    held = state(b, project)
+    held = project_state(b, project)
     assert held["state"] == "held" and held["writer"]["host"] == "host-a"
     assert held["writer"]["token"] == token
     agent = json.loads(a.run("status", str(project), "--json").stdout)["agent"]
@@ -102,8 +95,8 @@ def test_without_quorum_acquire_exits_4_saying_so_and_work_goes_on_when_it_retur
             cluster.start_member(index)
     cluster.wait_for_leader()
     # Quorum is back: the holder still holds with its token, the other project can be granted.
-    assert wait_for(lambda: state(b, project)["state"] == "held", TTL * 3)
-    assert state(b, project)["writer"]["token"] == token
+    assert wait_for(lambda: project_state(b, project)["state"] == "held", TTL * 3)
+    assert project_state(b, project)["writer"]["token"] == token
     granted = acquire(b, other)
     assert granted.returncode == 0, granted.stderr
     assert acquire(b, project).returncode == 3

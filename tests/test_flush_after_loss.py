@@ -13,17 +13,10 @@ import json
 import signal
 import textwrap
 from pathlib import Path
-from typing import Any
 
 from tests.conftest import TTL
+from tests.test_leases_e2e import project_state
 from tools.testbed import Host, wait_for
-
-
-def _status(host: Host, project: Path) -> dict[str, Any]:
-    result = host.run("status", str(project), "--json")
-    assert result.returncode == 0, result.stderr
-    item: dict[str, Any] = json.loads(result.stdout)["projects"][0]
-    return item
 
 
 def test_a_flush_after_the_lease_was_lost_says_the_data_was_kept_aside(
@@ -42,10 +35,10 @@ def test_a_flush_after_the_lease_was_lost_says_the_data_was_kept_aside(
         )
     )
     assert written.returncode == 0, written.stderr
-    assert wait_for(lambda: (_status(b, project)["writer"] or {}).get("unflushed", 0) > 0, TTL * 2)
+    assert wait_for(lambda: (project_state(b, project)["writer"] or {}).get("unflushed", 0) > 0, TTL * 2)
     a.signal_agent(signal.SIGSTOP)
     try:
-        assert wait_for(lambda: _status(b, project)["state"] == "orphaned", TTL * 3)
+        assert wait_for(lambda: project_state(b, project)["state"] == "orphaned", TTL * 3)
         assert b.run("break", str(project), "--force").returncode == 0
         assert b.run("acquire", str(project)).returncode == 0
     finally:

@@ -28,6 +28,7 @@ each repetition so that they see the same background load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import queue
@@ -43,7 +44,7 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
-from bench_lease import holder, running_broker
+from bench_lease import cycle, holder, running_broker
 from etcd3gw.client import Etcd3Client
 
 from dbguard.client import Client
@@ -81,16 +82,7 @@ def cycle_maker(system: str, address: str, index: int) -> tuple[Callable[[], Non
     project, who = f"bench-etcd-{index}-{uuid.uuid4().hex[:8]}", holder(index)
     if system in ("embedded", "store"):
         service: Client | EtcdLeases = Client(address) if system == "embedded" else EtcdLeases(address)
-
-        def lease_cycle() -> None:
-            granted = service.call_ok("acquire", project=project, holder=who)
-            if granted.get("status") != "granted":
-                raise RuntimeError(f"acquire of free project {project} answered {granted}")
-            released = service.call_ok("release", project=project, holder=who, token=granted["token"])
-            if not released.get("held"):
-                raise RuntimeError(f"release of {project} answered {released}")
-
-        return lease_cycle, service.close
+        return functools.partial(cycle, service, project, who), service.close
     host, port = EtcdAddress.parse(address).endpoints[index % 3]
     client = Etcd3Client(host=host, port=port, timeout=10, api_path="/v3/")
     key = f"bench-lock/{project}"

@@ -52,6 +52,7 @@ import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only if ty
 
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable
+from dbguard.lease_service import LeaseService
 
 log = logging.getLogger("bench.lease")
 
@@ -89,7 +90,7 @@ def holder(index: int) -> dict[str, str]:
     }
 
 
-def cycle(client: Client, project: str, who: dict[str, str]) -> None:
+def cycle(client: LeaseService, project: str, who: dict[str, str]) -> None:
     """One durable acquire + release; raise if the broker did not really grant and release."""
     granted = client.call_ok("acquire", project=project, holder=who)
     if granted.get("status") != "granted":
