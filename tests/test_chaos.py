@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from dbguard.local_etcd import etcd_unavailable
 from tools import chaos
 from tools.sshfs import sshfs_unavailable
 from tools.testbed import namespaces_unavailable
@@ -23,15 +24,18 @@ TTL = 1.5
 
 
 @pytest.mark.slow
-def test_a_short_chaos_run_injects_every_fault_and_breaks_no_invariant() -> None:
-    why = namespaces_unavailable() or sshfs_unavailable()
+@pytest.mark.parametrize("backend", ["embedded", "etcd"])
+def test_a_short_chaos_run_injects_every_fault_and_breaks_no_invariant(backend: str) -> None:
+    why = namespaces_unavailable() or sshfs_unavailable() or (backend == "etcd" and etcd_unavailable())
     if why:
         # CI runs as root with namespaces and FUSE: there a missing test bed is a failure.
         if os.environ.get("CI") == "true":
             pytest.fail(f"the chaos run needs simulated hosts: {why}")
         pytest.skip(f"the chaos run needs simulated hosts (run as root): {why}")
     command = [sys.executable, str(REPO / "tools" / "chaos.py"), "--hosts", "3", "--writers", "3"]
-    command += ["--readers", "2", "--seconds", "30", "--seed", "20240611", "--json"]
+    command += ["--readers", "2", "--seconds", "30", "--seed", "20240611", "--json", "--backend", backend]
+    if backend == "etcd":
+        command += ["--ttl", "2"]  # etcd counts lease TTLs in whole seconds
     result = subprocess.run(command, capture_output=True, text=True, timeout=420, check=False)
     assert result.returncode in (0, 1) and result.stdout, f"the harness failed:\n{result.stderr[-6000:]}"
     data = json.loads(result.stdout)

@@ -409,6 +409,7 @@ class Options:
     store_mib: int = 512
     workdir: Path | None = None
     keep: bool = False
+    backend: str = "embedded"  # or "etcd"
 
 
 @dataclass
@@ -455,8 +456,9 @@ class Harness:
 
     def setup(self) -> None:
         from dbguard import project as projects
+        from dbguard.local_etcd import EtcdCluster
         from tools.sshfs import SshServer
-        from tools.testbed import BrokerProcess, SimHost
+        from tools.testbed import BrokerProcess, EtcdBackend, SimHost
 
         o = self.options
         self.export.mkdir(exist_ok=True)
@@ -475,8 +477,15 @@ class Harness:
         self.shared.mkdir()
         self.project_id = projects.init(self.shared).id
         self.manifest_copies.mkdir(exist_ok=True)
-        self.broker = BrokerProcess(self.workdir / "broker" / "state", ttl=o.ttl, lock_delay=o.lock_delay)
-        self.broker.start()
+        if o.backend == "etcd":
+            # The lease service is a three-member etcd cluster; "kill-broker" and
+            # "pause-broker" then strike its leader.
+            cluster = EtcdCluster(self.workdir / "etcd")
+            cluster.start()
+            self.broker = EtcdBackend(cluster, "chaos", ttl=o.ttl, lock_delay=o.lock_delay)
+        else:
+            self.broker = BrokerProcess(self.workdir / "broker" / "state", ttl=o.ttl, lock_delay=o.lock_delay)
+            self.broker.start()
         self.server = SshServer(self.workdir / "sshd").start()
         pythonpath = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         for number in range(o.hosts):
@@ -605,12 +614,10 @@ class Harness:
 
     def _status_poller(self) -> None:
         """The broker's view over time: a status snapshot every 0.1 s, with when it was asked."""
-        from dbguard.client import Client
         from dbguard.protocol import Op
 
         history = History(self.status_path)
-        address = self.broker.address
-        with Client(address, timeout=0.8, attempts=1) as client:
+        with self.lease_service(timeout=0.8) as client:
             while not self.stop.is_set():
                 s0 = time.monotonic()
                 try:
@@ -627,6 +634,14 @@ class Harness:
                     writer=item["writer"],
                 )
                 self.stop.wait(0.1)
+
+    def lease_service(self, timeout: float) -> Any:
+        """A connection to the lease service the hosts use, broker or etcd."""
+        from dbguard.lease_service import for_broker
+        from dbguard.settings import load
+
+        settings = load({"broker": self.broker.address, "request_timeout": timeout}, environ={})
+        return for_broker(settings, attempts=1)
 
     def _manifest_watcher(self) -> None:
         """Copy every published manifest at once: the writer deletes old ones after a delay."""
@@ -655,11 +670,10 @@ class Harness:
     # ---------------------------------------------------------------- nemesis
 
     def status(self) -> dict[str, Any] | None:
-        from dbguard.client import Client
         from dbguard.protocol import Op
 
         try:
-            with Client(self.broker.address, timeout=1.0, attempts=1) as client:
+            with self.lease_service(timeout=1.0) as client:
                 item: dict[str, Any] = client.call_ok(Op.STATUS, project=self.project_id)["projects"][0]
                 return item
         except Exception:
@@ -1698,6 +1712,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    parser.add_argument(
+        "--backend",
+        choices=("embedded", "etcd"),
+        default="embedded",
+        help="the lease service: the broker, or a local three-member etcd cluster",
+    )
     parser.add_argument("--ttl", type=float, default=1.5)
     parser.add_argument("--lock-delay", type=float, default=0.5)
     parser.add_argument("--store-mib", type=int, default=512, help="size of the tmpfs holding the project")
@@ -1722,6 +1742,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
         store_mib=args.store_mib,
         workdir=args.workdir,
         keep=args.keep,
+        backend=args.backend,
     )
     return args, options
 

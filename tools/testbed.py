@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
-from dbguard.local_etcd import EtcdCluster
 
 from dbguard import keys as dbguard_keys
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable
 from dbguard.etcd_leases import EtcdLeases, configure
+from dbguard.local_etcd import EtcdCluster
 from tools.sshfs import Mount, SshServer
 
 PYTHON = sys.executable
@@ -184,6 +184,7 @@ class EtcdBackend:
         self.prefix = prefix
         self.address = cluster.url(prefix)
         self.ttl, self.lock_delay = ttl, lock_delay
+        self._paused: set[int] = set()
         configure(self.address, ttl=ttl, lock_delay=lock_delay)
 
     def restart(self) -> None:
@@ -192,6 +193,35 @@ class EtcdBackend:
         self.cluster.kill(leader)
         self.cluster.wait_for_leader(exclude=leader)
         self.cluster.start_member(leader)
+
+    # The verbs the chaos tool uses on the broker, acted out on the member that matters most:
+    # the leader.
+
+    def kill(self) -> None:
+        """SIGKILL the leader (as a crash); `start` brings it back."""
+        leader = self.cluster.leader()
+        if leader is not None:
+            self.cluster.kill(leader)
+
+    def start(self) -> None:
+        for index in sorted(set(range(len(self.cluster.endpoints))) - set(self.cluster.running())):
+            self.cluster.start_member(index)
+
+    def signal(self, signum: int) -> None:
+        """SIGSTOP freezes the leader; SIGCONT resumes every frozen member."""
+        if signum == signal.SIGSTOP:
+            leader = self.cluster.leader()
+            if leader is not None:
+                self.cluster.pause(leader)
+                self._paused.add(leader)
+        elif signum == signal.SIGCONT:
+            for index in sorted(self._paused):
+                self.cluster.resume(index)
+            self._paused.clear()
+
+    def stop(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.cluster.stop()
 
     def lose_state(self) -> None:
         """Every key of this site is gone, as after restoring etcd from nothing."""
