@@ -200,10 +200,9 @@ def measure_once(plan: Plan) -> dict[str, float]:
     ):
         process = psutil.Process(broker.pid)
         idle_rss = process.memory_info().rss
-        idle_fds = process.num_fds()
         with Generators(broker.address, plan, per_generator) as generators:
             generators.wait_ready()
-            connected_rss = wait_connected(process, idle_fds + -(-plan.hosts // plan.hosts_per_connection))
+            connected_rss = wait_connected(process, -(-plan.hosts // plan.hosts_per_connection))
             log.info(
                 "%d hosts connected (%d per connection): broker rss %.0f MiB idle, %.0f MiB connected",
                 plan.hosts,
@@ -296,15 +295,19 @@ def anon_bytes(pid: int) -> int:
     raise RuntimeError(f"/proc/{pid}/status has no RssAnon line")
 
 
-def wait_connected(process: psutil.Process, fds: int) -> int:
-    """Wait until the broker has a descriptor per host (its connections are up); its RSS then."""
+def wait_connected(process: psutil.Process, connections: int) -> int:
+    """Wait until the broker has this many TCP connections up; its RSS then."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    while process.num_fds() < fds:
+    while (up := established(process)) < connections:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the broker has {process.num_fds()} descriptors, expected {fds} connections")
+            raise RuntimeError(f"the broker has {up} connections up, not the {connections} expected")
         time.sleep(0.2)
     time.sleep(1.0)  # the last handshakes
     return int(process.memory_info().rss)
+
+
+def established(process: psutil.Process) -> int:
+    return sum(1 for c in process.net_connections(kind="tcp") if c.status == psutil.CONN_ESTABLISHED)
 
 
 def wait_until(moment: float, generators: Generators) -> None:
