@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
 
 from dbguard.errors import EtcdClusterError
 
@@ -536,7 +536,7 @@ class EtcdCluster:
         # while it still runs etcd on this member's data directory.
         if str(self.data_dir(index)) not in argv:
             return None
-        return process.pid
+        return int(process.pid)
 
     def _require_pid(self, index: int) -> int:
         pid = self._pid(index)
@@ -551,7 +551,7 @@ class EtcdCluster:
     @staticmethod
     def _paused(pid: int) -> bool:
         try:
-            return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+            return bool(psutil.Process(pid).status() == psutil.STATUS_STOPPED)
         except psutil.NoSuchProcess:
             return False
 
@@ -637,7 +637,7 @@ def _gone(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
