@@ -426,6 +426,43 @@ def _open_env(path: Path, map_size: int, *, readonly: bool = False) -> Any:
         )
 
 
+def _begin_fresh(env: Any, **kwargs: Any) -> Any:
+    """Begin the first transaction on an environment this process has just opened.
+
+    Another process may write past the end of this process's map at any moment (a writer
+    appending grows the file, and the map, over and over); LMDB then refuses new transactions
+    with MDB_MAP_RESIZED until this process adopts the new size. Here that is safe: no
+    transaction of this process uses the environment yet, so nothing can dangle.
+    """
+    while True:
+        try:
+            return env.begin(**kwargs)
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)  # 0: the size the other process recorded
+
+
+def _adopt_map_size(path: Path, shared: _Shared) -> None:
+    """Take the size another process grew the map to, unless a reader of this process could
+    still hold views into the current map, which a remap would leave dangling."""
+    if shared.readers:
+        raise CacheError(
+            f"cache environment {path} must grow its map while a reader() is "
+            f"open in this process; finish reading before writing more"
+        )
+    with _translate(path):
+        shared.env.set_mapsize(0)
+
+
+def _begin_shared(path: Path, shared: _Shared, **kwargs: Any) -> Any:
+    """Begin a transaction on an environment this process shares between its stores."""
+    while True:
+        try:
+            with _translate(path):
+                return shared.env.begin(**kwargs)
+        except lmdb.MapResizedError:
+            _adopt_map_size(path, shared)
+
+
 def _check_format(path: Path, txn: Any, meta: Any, *, write: bool) -> bool:
     """Whether the environment holds cache format ``_FORMAT``; False if it holds nothing yet.
 
@@ -503,7 +540,7 @@ def _open_shared(path: Path, map_size: int) -> _Shared:
     env = _open_env(path, map_size)
     try:
         # One write transaction creates the databases and records the format.
-        with _translate(path), env.begin(write=True) as txn:
+        with _translate(path), _begin_fresh(env, write=True) as txn:
             records, dirty, meta = (env.open_db(name, txn=txn) for name in (_RECORDS, _DIRTY, _META))
             _check_format(path, txn, meta, write=True)
     except BaseException:
@@ -827,13 +864,8 @@ class CacheStore:
             raise _damaged(self.path, exc) from exc
 
     def _begin_read(self, shared: _Shared) -> Any:
-        while True:
-            try:
-                with _translate(self.path):
-                    # records by default: Reader gets from it without naming it.
-                    return shared.env.begin(db=shared.records, buffers=True)
-            except lmdb.MapResizedError:
-                self._resize(shared, 0)
+        # records by default: Reader gets from it without naming it.
+        return _begin_shared(self.path, shared, db=shared.records, buffers=True)
 
     @contextmanager
     def reader(self) -> Iterator[Reader]:
@@ -911,7 +943,7 @@ class CacheStore:
     def noted(self, name: str) -> int:
         """A counter stored with `note`, or 0."""
         shared = self._live()
-        with _translate(self.path), shared.env.begin() as txn:
+        with _begin_shared(self.path, shared) as txn, _translate(self.path):
             return _get_u64(txn, shared.meta, _NOTE_PREFIX + name.encode())
 
     def sync(self) -> None:
@@ -1028,7 +1060,7 @@ class CacheStore:
         with _REGISTRY.lock:
             shared = _REGISTRY.get(path)
             if shared is not None:
-                with _translate(path), shared.env.begin() as txn:
+                with _begin_shared(path, shared) as txn, _translate(path):
                     return _dirty_bytes(txn, shared.meta)
             if not (path / _DATA_FILE).is_file():
                 return 0
@@ -1056,21 +1088,14 @@ def _read_dirty_bytes(path: Path) -> int:
     except lmdb.Error as exc:
         raise CacheCorrupt(str(path), f"cannot open read-only: {exc}") from exc
     try:
-        with _translate(path):
+        with _translate(path), _begin_fresh(env) as txn:
             try:
-                meta = env.open_db(_META, create=False)
+                meta = env.open_db(_META, txn=txn, create=False)
             except lmdb.NotFoundError:
                 return 0
-            while True:
-                try:
-                    txn = env.begin()
-                    break
-                except lmdb.MapResizedError:
-                    env.set_mapsize(0)  # a writer grew the map since we opened
-            with txn:
-                # An environment of another format must not pass for one with nothing
-                # dirty: a caller would then drop it.
-                _check_format(path, txn, meta, write=False)
-                return _dirty_bytes(txn, meta)
+            # An environment of another format must not pass for one with nothing
+            # dirty: a caller would then drop it.
+            _check_format(path, txn, meta, write=False)
+            return _dirty_bytes(txn, meta)
     finally:
         env.close()
