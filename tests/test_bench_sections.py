@@ -121,7 +121,8 @@ def test_write_regenerates_the_page_even_when_a_section_fails(
     assert bench.main(["--write", "lease", "peers"]) == 1
     text = page.read_text()
     assert "| `lease.cycle_p50_ms` | 2 | &lt;= 1 | **not met** |" in text
-    assert "| `peers` | **failed**: RuntimeError: sshfs is missing |" in text
+    # A failure on one line: its first line and its last, where a log or a traceback ends.
+    assert "| `peers` | **failed**: RuntimeError: sshfs is missing ... second line |" in text
     assert "--write lease peers" in text
     # The real section's docstring and targets, although it failed.
     assert "| `peers.write_vs_h5py` | - | &gt;= 2 | not measured |" in text

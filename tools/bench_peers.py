@@ -30,7 +30,7 @@ Writing (``<baseline's seconds> / <ours>``, higher is better for dbguard):
 - ``peers.append_vs_h5py``: h5py's time against dbguard's appends alone (open, N appends,
   close): what the writing process waits for when, as in normal use, the agent flushes in the
   background.
-- ``peers.write_vs_raw`` (ours / raw, at most about 1): the raw write is N ``write`` calls of
+- ``peers.write_vs_raw`` (at most about 1): the raw write is N ``write`` calls of
   the images' bytes to one new file on the mount, fsync of the file and its directory: the
   most any tool can get through this mount. Both dbguard and h5py have to push the same bytes
   through it, so neither can be much faster than the raw write; this figure shows how close
