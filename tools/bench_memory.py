@@ -13,11 +13,11 @@ same pace with h5py to a contiguous dataset in a new local file.
 Memory is read from ``/proc/PID/status`` twenty times a second: ``VmRSS`` (resident) and
 ``RssAnon`` (its anonymous part: heap and other private memory). Resident memory also counts
 the file-backed pages a process has mapped and touched, and an LMDB environment is one large
-file mapping: the agent reads every record it flushes through it, so its resident size rises
-and falls with each flush although those pages are page cache, which the kernel reclaims at
-will and shares with every process that maps the file. Growth is therefore judged on
-``RssAnon``, which only memory the process itself allocated can make grow; the peaks of both
-are reported.
+file mapping: the writer's and the agent's resident sizes rise and fall by hundreds of MiB with
+the pages of the cache's file they touch (the agent reads every record it flushes through the
+map), although those pages are page cache, which the kernel reclaims at will and shares with
+every process that maps the file. Growth is therefore judged on ``RssAnon``, which only memory
+the process itself allocated can make grow; the peaks of both are reported.
 
 Figures (MiB unless said otherwise; medians over repetitions):
 
