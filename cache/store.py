@@ -45,7 +45,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -408,22 +408,39 @@ def _translate(path: Path) -> Iterator[None]:
         raise _damaged(path, exc) from exc
 
 
+# Opening an environment that another process is writing right then: see _open_env.
+_OPEN_ATTEMPTS = 10
+
+
 def _open_env(path: Path, map_size: int, *, readonly: bool = False) -> Any:
-    with _translate(path):
-        # sync/metasync off: a commit is not fsynced. A crashed process loses
-        # nothing (the page cache keeps its writes); a crashed host may lose or
-        # damage the last commits, which the durable copy in the project store
-        # (written by flush) exists to cover. Call CacheStore.sync() to force it.
-        return lmdb.open(
-            str(path),
-            subdir=True,
-            map_size=map_size,
-            max_dbs=_MAX_DBS,
-            sync=False,
-            metasync=False,
-            readonly=readonly,
-            create=False,
-        )
+    # lmdb.open begins a transaction at once, which LMDB refuses (MDB_MAP_RESIZED) if another
+    # process has written past this process's map in between: a writer appending grows the
+    # file all the time. A map twice the file's size leaves it room to grow meanwhile; a retry
+    # (the refused environment is already closed) covers a writer faster than that.
+    with suppress(FileNotFoundError):  # not written yet
+        map_size = max(map_size, 2 * (path / _DATA_FILE).stat().st_size)
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            with _translate(path):
+                # sync/metasync off: a commit is not fsynced. A crashed process loses
+                # nothing (the page cache keeps its writes); a crashed host may lose or
+                # damage the last commits, which the durable copy in the project store
+                # (written by flush) exists to cover. Call CacheStore.sync() to force it.
+                return lmdb.open(
+                    str(path),
+                    subdir=True,
+                    map_size=map_size,
+                    max_dbs=_MAX_DBS,
+                    sync=False,
+                    metasync=False,
+                    readonly=readonly,
+                    create=False,
+                )
+        except lmdb.MapResizedError:
+            if attempt == _OPEN_ATTEMPTS - 1:
+                raise
+            map_size *= 2
+    raise AssertionError("unreachable")
 
 
 def _begin_fresh(env: Any, **kwargs: Any) -> Any:

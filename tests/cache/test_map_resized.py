@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import CacheStore
+from cache import store as cache_store
 
 MiB = 1 << 20
 CHUNK = np.ones(MiB // 8, dtype=np.float64)  # 1 MiB per record
@@ -55,3 +56,15 @@ def test_dirty_bytes_of_a_closed_store_after_another_process_grew_the_map(tmp_pa
         single = mine.dirty_bytes()
     _grow_in_another_process(tmp_path, 40)
     assert CacheStore.dirty_bytes_of(tmp_path, "p") == 41 * single
+
+
+def test_an_environment_opens_with_room_for_a_writer_to_grow_meanwhile(tmp_path: Path) -> None:
+    _grow_in_another_process(tmp_path, 20)
+    path = tmp_path / "projects" / "p"
+    # lmdb.open begins a transaction at once: with a map of just the file's size, a writer
+    # appending anything in between would have it refused.
+    env = cache_store._open_env(path, 1 * MiB, readonly=True)
+    try:
+        assert env.info()["map_size"] >= 2 * (path / "data.mdb").stat().st_size
+    finally:
+        env.close()
