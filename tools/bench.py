@@ -221,6 +221,14 @@ def machine() -> list[tuple[str, str]]:
     return found
 
 
+def interpreter() -> str:
+    """This Python as a command run from the repository: .venv/bin/python, or python."""
+    try:
+        return str(Path(sys.executable).relative_to(REPO))
+    except ValueError:
+        return "python"
+
+
 def commit() -> str:
     """The checked-out commit, and whether the working tree differs from it."""
     try:
@@ -377,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         used = sys.argv[1:] if argv is None else argv
         page = render_page(
             outcomes,
-            shlex.join([".venv/bin/python", "tools/bench.py", *used]),
+            shlex.join([interpreter(), "tools/bench.py", *used]),
             when=datetime.datetime.now(datetime.UTC),
             revision=commit(),
             host=machine(),
