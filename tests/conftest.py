@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dbguard.local_etcd import EtcdCluster, etcd_unavailable
 
+from dbguard.local_etcd import EtcdCluster, etcd_unavailable
 from tools.testbed import BrokerProcess, EtcdBackend, Host, LeaseBackend, namespaces_unavailable
 
 # Short timings keep the suite fast; every test that waits for an expiry uses these.
