@@ -42,6 +42,7 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
 from dbguard import protocol
+from dbguard.client import error_from_reply  # the broker client's mapping of error replies
 from dbguard.errors import BrokerUnavailable, GuardError, UsageError
 from dbguard.leases import Holder, LeaseState
 from dbguard.protocol import ErrorKind, Op, ProtocolError
@@ -404,8 +405,6 @@ class EtcdLeases:
                 del self._sessions[key]
 
     def call_ok(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
-        from dbguard.client import error_from_reply  # the broker client's mapping, shared
-
         reply = self.call(op, timeout=timeout, **fields)
         if not reply.get("ok"):
             raise error_from_reply(reply, self.address)
@@ -698,8 +697,12 @@ class EtcdLeases:
         waiter that stops asking drops out as it does from the broker's queue."""
         key = self._project_prefix(view.project) + "queue/" + holder.key
         mine = next((w for w in view.queue if w.holder.key == holder.key), None)
-        renewable = mine is not None and (mine.takeover or not takeover)
-        if renewable and mine is not None and self.transport.keepalive(mine.entry.lease) > 0:
+        # A place already as good as the one asked for (a takeover place serves a plain wait too).
+        if (
+            mine is not None
+            and (mine.takeover or not takeover)
+            and self.transport.keepalive(mine.entry.lease) > 0
+        ):
             return
         # A new place, or a takeover request: an existing key keeps its create revision, and
         # with it its place in the queue.
