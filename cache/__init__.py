@@ -3,7 +3,7 @@
 This package imports nothing from ``dbguard``: it knows nothing of leases.
 """
 
-from cache.errors import CacheCorrupt, CacheError, UnsafeCacheLocation
+from cache.errors import CacheCorrupt, CacheError, CacheFull, DirtyNotAnnounced, UnsafeCacheLocation
 from cache.location import (
     NETWORK_FILESYSTEMS,
     MountEntry,
@@ -29,8 +29,10 @@ __all__ = [
     "NETWORK_FILESYSTEMS",
     "CacheCorrupt",
     "CacheError",
+    "CacheFull",
     "CacheStore",
     "DirtyEntry",
+    "DirtyNotAnnounced",
     "MountEntry",
     "Reader",
     "Record",

@@ -55,3 +55,41 @@ class CacheCorrupt(CacheError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.detail))
+
+
+class CacheFull(CacheError):
+    """The disk (or this user's quota on it) that holds the cache directory ``path`` has no
+    room left: a write failed and was undone; ``errno`` and ``detail`` say what refused."""
+
+    def __init__(self, path: str, errno: int, detail: str) -> None:
+        self.path = path
+        self.errno = errno
+        self.detail = detail
+        super().__init__(
+            f"the disk of the cache directory {path} has no room left ({detail}); that write "
+            f"did not happen and nothing written before it was lost. Free space on that disk "
+            f"(`dbguard clear PROJECT` drops the cache of a project once it is flushed; "
+            f"`dbguard recover` lists data kept aside in {path}/aside), or set DBGUARD_CACHE "
+            f"to a local disk with more room once this host has nothing unflushed (unflushed "
+            f"records are flushed from {path} only)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.errno, self.detail))
+
+
+class DirtyNotAnnounced(CacheError):
+    """A store opened with ``require_announced`` was asked to make a clean project dirty before
+    its owner announced it (`CacheStore.announce`). Nothing was written.
+
+    The owner (dbguard's agent) must tell whoever needs to know that this host is about to
+    hold unflushed data before the first such write is acknowledged; the writer announces,
+    then writes again.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"cache environment {path} must be announced dirty before it is written")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path,))

@@ -217,7 +217,20 @@ def _open_dir_nofollow(path: Path, table: Sequence[MountEntry] | None) -> int:
             _refuse_symlink(path, table)
         if exc.errno == errno.ENOTDIR:
             raise _unsafe(path, table, f"is not a directory: remove it or set {_ENV_VAR}") from exc
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            # Another user's cache: its 0700 keeps this one out before ownership can be checked.
+            _refuse_foreign(path, os.lstat(path).st_uid, table)
         raise
+
+
+def _refuse_foreign(path: Path, uid: int, table: Sequence[MountEntry] | None) -> None:
+    if uid != os.geteuid():
+        raise _unsafe(
+            path,
+            table,
+            f"is owned by uid {uid}, not by you (uid {os.geteuid()}): its owner "
+            f"could read or replace cached data; remove it or set {_ENV_VAR}",
+        )
 
 
 def _secure(path: Path, table: Sequence[MountEntry] | None) -> None:
@@ -226,13 +239,7 @@ def _secure(path: Path, table: Sequence[MountEntry] | None) -> None:
     fd = _open_dir_nofollow(path, table)
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
-            raise _unsafe(
-                path,
-                table,
-                f"is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}): its owner "
-                f"could read or replace cached data; remove it or set {_ENV_VAR}",
-            )
+        _refuse_foreign(path, st.st_uid, table)
         # Group/other bits are the danger; owner bits are restored too, since a cache
         # we cannot write is as useless as one others can.
         if stat.S_IMODE(st.st_mode) != 0o700:
@@ -250,10 +257,20 @@ def prepare_cache_dir(path: str | Path, table: Sequence[MountEntry] | None = Non
     """
     check_not_network(path, table)
     target = Path(os.path.abspath(os.fspath(path)))
-    _refuse_symlink(target, table)
-    _make_dir(target)
-    _refuse_symlink(target, table)
-    _secure(target, table)
+    try:
+        _refuse_symlink(target, table)
+        _make_dir(target)
+        _refuse_symlink(target, table)
+        _secure(target, table)
+    except PermissionError as exc:
+        # A directory on the way that another user's permissions close to this one.
+        raise _unsafe(
+            target,
+            table,
+            f"cannot be reached or made by this user (uid {os.geteuid()}): {exc.strerror} at "
+            f"{exc.filename or target}; set {_ENV_VAR} to a directory of your own on a local disk "
+            f"such as /tmp",
+        ) from exc
     real = Path(os.path.realpath(target))
     check_not_network(real, table)
     return real

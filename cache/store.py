@@ -18,8 +18,9 @@ Layout (cache format 2): ``<cache_dir>/projects/<project_id>/`` is an LMDB envir
     ``format`` (the cache format), ``state`` (last sequence number and the sum of dirty
     sizes, one value so that a write reads and writes it once), ``count:<db>`` (one past
     the highest index written, then the layout all of its records share, if they do;
-    see ``_MIXED``) and ``note:<name>`` (see :meth:`CacheStore.note`). Integers are
-    8 bytes, big-endian.
+    see ``_MIXED``), ``note:<name>`` (see :meth:`CacheStore.note`) and ``announced``
+    (present from :meth:`CacheStore.announce` until :meth:`CacheStore.settle` finds
+    nothing dirty). Integers are 8 bytes, big-endian.
 
 Several processes of one host may write one environment at once: LMDB serialises
 writers with the mutex in its lock file. Open a :class:`CacheStore` after ``fork()``,
@@ -37,6 +38,7 @@ reader's transaction has ``records`` as its default database.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -55,7 +57,8 @@ import lmdb
 import numpy as np
 from numpy.typing import NDArray
 
-from cache.errors import CacheCorrupt, CacheError
+from cache.errors import CacheCorrupt, CacheError, CacheFull, DirtyNotAnnounced
+from cache.lmdb_file import missing_pages
 
 __all__ = [
     "DEFAULT_MAP_SIZE",
@@ -88,6 +91,7 @@ _FORMAT_KEY = b"format"
 _STATE = b"state"
 _COUNT_PREFIX = b"count:"
 _NOTE_PREFIX = b"note:"
+_ANNOUNCED = b"announced"
 _HEADER_SUFFIX = b"h"
 
 _U64 = struct.Struct(">Q")
@@ -128,9 +132,20 @@ _MANY_TXN_BYTES = 1 << 20
 # practice, but not bounded by us, so each is emptied when it reaches this size.
 _CACHE_LIMIT = 1024
 
+
+class _Garbled(Exception):
+    """A value or key in an environment that LMDB reads fine is not one this module writes
+    (the wrong length, not UTF-8): LMDB keeps no checksums, so a damaged page can read as that."""
+
+
+def _garbled(what: str, value: bytes | memoryview) -> _Garbled:
+    return _Garbled(f"{what} has {len(value)} bytes that this cache format never writes there")
+
+
 # LMDB errors that mean the files are damaged or are not an environment we can
 # read, as opposed to usage errors or full maps.
 _DAMAGE_ERRORS: tuple[type[BaseException], ...] = (
+    _Garbled,
     lmdb.CorruptedError,  # MDB_CORRUPTED: a page has the wrong type or contents
     lmdb.PageNotFoundError,  # MDB_PAGE_NOTFOUND: a page number points past the file
     lmdb.PanicError,  # MDB_PANIC: a previous fatal error left the environment unusable
@@ -375,7 +390,10 @@ def _record_key(db: str, index: int) -> bytes:
 
 
 def _split_key(key: bytes) -> tuple[str, int]:
-    return key[:-9].decode("utf-8"), _U64.unpack(key[-8:])[0]
+    try:
+        return key[:-9].decode("utf-8"), _U64.unpack(key[-8:])[0]
+    except (UnicodeDecodeError, struct.error) as exc:
+        raise _garbled("a record key", key) from exc
 
 
 def _check_project_id(project_id: str) -> str:
@@ -406,6 +424,58 @@ def _translate(path: Path) -> Iterator[None]:
         yield
     except _DAMAGE_ERRORS as exc:
         raise _damaged(path, exc) from exc
+    except (lmdb.Error, OSError) as exc:
+        _raise_if_no_room(path, exc)
+        raise
+
+
+# A full disk, as LMDB reports it; py-lmdb keeps no errno, only the class or the text.
+_NO_ROOM = (
+    errno.ENOSPC,  # the disk is full (lmdb.DiskError)
+    errno.EDQUOT,  # this user's quota on it is used up
+)
+# LMDB turns a short write (pwrite wrote fewer bytes than asked, which is how a filesystem
+# that fills up in the middle of a write answers) into EIO: "mdb_txn_commit: Input/output
+# error". A failing disk says EIO as well, so EIO means a full disk only when less than this
+# much room is left (after the short write, next to none is). A quota that runs out mid-write
+# does not show in statvfs: that EIO is re-raised as it is.
+_NEARLY_FULL = 1 << 20
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    if isinstance(exc, OSError):
+        return exc.errno
+    if isinstance(exc, lmdb.DiskError):
+        return errno.ENOSPC
+    if isinstance(exc, lmdb.Error):
+        text = str(exc)
+        return next((code for code in (*_NO_ROOM, errno.EIO) if text.endswith(os.strerror(code))), None)
+    return None
+
+
+def _room_left(path: Path) -> int:
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    st = os.statvfs(existing)
+    return st.f_bavail * st.f_frsize
+
+
+def _refuse_new_lock_file_on_full_disk(env_path: Path) -> None:
+    """LMDB makes a new lock.mdb by extending it and writing through a shared map: on a full
+    disk the kernel can find no page for that write and kills the process with SIGBUS (seen on
+    a full tmpfs), so no exception could say why. Refuse first."""
+    if not (env_path / "lock.mdb").exists() and _room_left(env_path) < _NEARLY_FULL:
+        _raise_if_no_room(env_path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+
+def _raise_if_no_room(env_path: Path, exc: BaseException) -> None:
+    """Raise CacheFull if ``exc`` says the disk of the environment at ``env_path`` is full."""
+    code = _errno_of(exc)
+    if code is None or (
+        code not in _NO_ROOM and not (code == errno.EIO and _room_left(env_path) < _NEARLY_FULL)
+    ):
+        return
+    # <cache directory>/projects/<project id>: the message names the cache directory.
+    raise CacheFull(str(env_path.parent.parent), code, f"writing {env_path}: {os.strerror(code)}") from exc
 
 
 # Opening an environment that another process is writing right then: see _open_env.
@@ -419,6 +489,14 @@ def _open_env(path: Path, map_size: int, *, readonly: bool = False) -> Any:
     # (the refused environment is already closed) covers a writer faster than that.
     with suppress(FileNotFoundError):  # not written yet
         map_size = max(map_size, 2 * (path / _DATA_FILE).stat().st_size)
+    _refuse_new_lock_file_on_full_disk(path)
+    # A data.mdb shorter than its header says kills the process with SIGBUS once LMDB reads a
+    # missing page through its map, with no message, and on every later open again (an agent
+    # would die in a loop): refused here, before LMDB maps it.
+    with _translate(path):
+        truncated = missing_pages(path)
+    if truncated is not None:
+        raise CacheCorrupt(str(path), truncated)
     for attempt in range(_OPEN_ATTEMPTS):
         try:
             with _translate(path):
@@ -510,6 +588,7 @@ class _Shared:
     meta: Any
     users: int = 0
     readers: int = 0
+    path: str = ""  # the environment's directory, for messages
 
 
 class _Registry:
@@ -563,12 +642,17 @@ def _open_shared(path: Path, map_size: int) -> _Shared:
     except BaseException:
         env.close()
         raise
-    return _Shared(env, records, dirty, meta)
+    return _Shared(env, records, dirty, meta, path=str(path))
 
 
 def _get_u64(txn: Any, db: Any, key: bytes) -> int:
     value = txn.get(key, None, db)
-    return 0 if value is None else int(_U64.unpack(value)[0])
+    if value is None:
+        return 0
+    try:
+        return int(_U64.unpack(value)[0])
+    except struct.error as exc:
+        raise _garbled(f"meta {key!r}", value) from exc
 
 
 def _put_u64(txn: Any, db: Any, key: bytes, value: int) -> None:
@@ -580,12 +664,33 @@ def _read_count(txn: Any, meta: Any, key: bytes) -> tuple[int, bytes]:
     value = txn.get(key, None, meta)
     if value is None:
         return 0, b""
-    return int(_U64.unpack_from(value)[0]), bytes(value[_U64.size :])
+    try:
+        return int(_U64.unpack_from(value)[0]), bytes(value[_U64.size :])
+    except struct.error as exc:
+        raise _garbled(f"meta {bytes(key)!r}", value) from exc
 
 
 def _dirty_bytes(txn: Any, meta: Any) -> int:
     value = txn.get(_STATE, None, meta)
-    return 0 if value is None else int(_STATE_VALUE.unpack(value)[1])
+    return 0 if value is None else int(_state(value)[1])
+
+
+def _state(value: bytes | memoryview) -> tuple[int, int]:
+    """The last sequence number and the sum of dirty sizes, from meta ``state``."""
+    try:
+        seq, dirty = _STATE_VALUE.unpack(value)
+    except struct.error as exc:
+        raise _garbled("meta state", value) from exc
+    return int(seq), int(dirty)
+
+
+def _dirty_value(value: bytes | memoryview) -> tuple[int, int]:
+    """A dirty mark's sequence number and record size."""
+    try:
+        seq, size = _DIRTY_VALUE.unpack(value)
+    except struct.error as exc:
+        raise _garbled("a dirty mark", value) from exc
+    return int(seq), int(size)
 
 
 # -- writing ------------------------------------------------------------------------
@@ -601,23 +706,33 @@ def _item(db: str, index: int, array: NDArray[Any], attrs: bytes) -> _Item:
 
 
 def _store(
-    txn: Any, s: _Shared, names: _Names, items: Sequence[_Item], counted: tuple[int, bytes] | None = None
+    txn: Any,
+    s: _Shared,
+    names: _Names,
+    items: Sequence[_Item],
+    counted: tuple[int, bytes] | None = None,
+    *,
+    gated: bool = False,
 ) -> None:
     """Write ``items`` and their dirty marks, and keep ``state`` and the count in step.
 
     ``counted`` is what `_read_count` returned when the caller has read it in this
-    transaction.
+    transaction. ``gated`` refuses the write unless the environment is announced; the
+    check is in the writing transaction itself, so a `settle` cannot slip between the
+    check and the write (LMDB serialises write transactions).
     """
     records, meta = s.records, s.meta
+    if gated and txn.get(_ANNOUNCED, None, meta) is None:
+        raise DirtyNotAnnounced(str(s.path))
     count, common = counted or _read_count(txn, meta, names.count_key)
     state = txn.get(_STATE, None, meta)
-    seq, dirty = (0, 0) if state is None else _STATE_VALUE.unpack(state)
+    seq, dirty = (0, 0) if state is None else _state(state)
     top, shared_layout = count, common
     for position, key, (layout, header, payload, size) in items:
         seq += 1
         old = txn.replace(key, _DIRTY_VALUE.pack(seq, size), s.dirty)
         if old is not None:
-            dirty -= _DIRTY_VALUE.unpack(old)[1]
+            dirty -= _dirty_value(old)[1]
         dirty += size
         txn.put(key, payload, True, True, False, records)
         txn.put(key + _HEADER_SUFFIX, header, True, True, False, records)
@@ -630,10 +745,10 @@ def _store(
         txn.put(names.count_key, _U64.pack(top) + shared_layout, True, True, False, meta)
 
 
-def _append(txn: Any, s: _Shared, names: _Names, parts: _Parts) -> int:
+def _append(txn: Any, s: _Shared, names: _Names, parts: _Parts, gated: bool) -> int:
     counted = _read_count(txn, s.meta, names.count_key)
     index = counted[0]
-    _store(txn, s, names, [(index, names.prefix + _U64.pack(index), parts)], counted)
+    _store(txn, s, names, [(index, names.prefix + _U64.pack(index), parts)], counted, gated=gated)
     return index
 
 
@@ -643,14 +758,14 @@ def _clean(txn: Any, s: _Shared, entries: list[tuple[bytes, int]]) -> int:
         current = txn.get(key, None, s.dirty)
         if current is None:
             continue
-        current_seq, size = _DIRTY_VALUE.unpack(current)
+        current_seq, size = _dirty_value(current)
         # A record re-written after the snapshot has a newer seq: the flush
         # did not carry that version, so it stays dirty.
         if current_seq == seq:
             txn.delete(key, db=s.dirty)
             cleaned += int(size)
     if cleaned:
-        last, dirty = _STATE_VALUE.unpack(txn.get(_STATE, None, s.meta))
+        last, dirty = _state(txn.get(_STATE, None, s.meta) or b"")
         txn.put(_STATE, _STATE_VALUE.pack(last, dirty - cleaned), True, True, False, s.meta)
     return cleaned
 
@@ -789,7 +904,10 @@ class Reader:
                 raw = bytes(key)
                 if not raw.startswith(_COUNT_PREFIX):
                     break
-                names.append(raw[len(_COUNT_PREFIX) :].decode("utf-8"))
+                try:
+                    names.append(raw[len(_COUNT_PREFIX) :].decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise _garbled("a database name", raw) from exc
         return names
 
     def dirty_bytes(self) -> int:
@@ -806,7 +924,7 @@ class Reader:
         with self._txn.cursor(db=self._s.dirty) as cursor:
             for key, value in cursor:
                 db, index = _split_key(bytes(key))
-                seq, size = _DIRTY_VALUE.unpack(value)
+                seq, size = _dirty_value(value)
                 entries.append(DirtyEntry(db, index, int(seq), int(size)))
         return entries
 
@@ -826,11 +944,16 @@ class CacheStore:
         *,
         map_size: int = DEFAULT_MAP_SIZE,
         create: bool = True,
+        require_announced: bool = False,
     ) -> None:
+        """``require_announced`` makes every write raise `DirtyNotAnnounced` until the owner
+        has called :meth:`announce` (and again after :meth:`settle` found it clean)."""
         self.path = _project_path(root, project_id)
         self.project_id = project_id
+        self._gated = require_announced
         if create:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with _translate(self.path):
+                self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         elif not (self.path / _DATA_FILE).is_file():
             raise FileNotFoundError(f"no cache environment for project {project_id} at {self.path}")
         self._pid = os.getpid()
@@ -879,6 +1002,9 @@ class CacheStore:
                     self._resize(shared, 0)
         except _DAMAGE_ERRORS as exc:
             raise _damaged(self.path, exc) from exc
+        except lmdb.Error as exc:
+            _raise_if_no_room(self.path, exc)
+            raise
 
     def _begin_read(self, shared: _Shared) -> Any:
         # records by default: Reader gets from it without naming it.
@@ -902,7 +1028,7 @@ class CacheStore:
         """Store ``array`` as record ``index`` of ``db`` and mark it dirty."""
         names = _names(db)
         items = [_item(db, index, array, attrs)]
-        self._write(lambda txn, s: _store(txn, s, names, items))
+        self._write(lambda txn, s: _store(txn, s, names, items, gated=self._gated))
 
     def put_many(self, db: str, items: Iterable[tuple[int, NDArray[Any], bytes]]) -> None:
         """Store several ``(index, array, attrs)`` records, marked dirty like :meth:`put`.
@@ -916,13 +1042,13 @@ class CacheStore:
         # iterator, and a bad item must stop the batch before anything is written.
         prepared = [_item(db, index, array, attrs) for index, array, attrs in items]
         for batch in _batches(prepared, _MANY_TXN_BYTES):
-            self._write(functools.partial(_store, names=names, items=batch))
+            self._write(functools.partial(_store, names=names, items=batch, gated=self._gated))
 
     def append(self, db: str, array: NDArray[Any], attrs: bytes = b"") -> int:
         """Store ``array`` at index ``count(db)``, decided inside the transaction."""
         names = _names(db)
         parts = _prepare(array, attrs)
-        return self._write(lambda txn, s: _append(txn, s, names, parts))
+        return self._write(lambda txn, s: _append(txn, s, names, parts, self._gated))
 
     def raise_count(self, db: str, floor: int) -> int:
         """Make `append` number records from at least ``floor`` on: records the cache does
@@ -946,6 +1072,40 @@ class CacheStore:
         """
         keys = [(_record_key(e.db, e.index), e.seq) for e in entries]
         return self._write(lambda txn, s: _clean(txn, s, keys))
+
+    def announce(self) -> None:
+        """Record that the owner has been told this environment may hold dirty records:
+        writes of a store with ``require_announced`` go through until `settle`."""
+
+        def run(txn: Any, s: _Shared) -> None:
+            txn.put(_ANNOUNCED, b"\x01", True, True, False, s.meta)
+
+        self._write(run)
+
+    def announced(self) -> bool:
+        """Whether the environment is announced (see :meth:`announce`)."""
+        shared = self._live()
+        with _begin_shared(self.path, shared) as txn, _translate(self.path):
+            return txn.get(_ANNOUNCED, None, shared.meta) is not None
+
+    def settle(self) -> bool:
+        """Withdraw the announcement if nothing is dirty, in one transaction; return whether
+        the environment is now clean and unannounced. After True, the owner may say that
+        this host holds nothing unflushed: the next gated write must announce first."""
+
+        def run(txn: Any, s: _Shared) -> bool:
+            if _dirty_bytes(txn, s.meta):
+                return False
+            txn.delete(_ANNOUNCED, db=s.meta)
+            return True
+
+        shared = self._live()
+        with _begin_shared(self.path, shared) as txn, _translate(self.path):
+            if _dirty_bytes(txn, shared.meta):
+                return False
+            if txn.get(_ANNOUNCED, None, shared.meta) is None:
+                return True
+        return self._write(run)
 
     def note(self, **values: int) -> None:
         """Remember small counters about this cache for its owner (the cache gives them no

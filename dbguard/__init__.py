@@ -6,6 +6,7 @@ The public names are handed on from the modules that define them.
 from dbguard.api import acquire, break_lease, clear, flush, init, open, release, status
 from dbguard.errors import (
     BrokerUnavailable,
+    CacheDiskFull,
     EtcdClusterError,
     ExitCode,
     Fenced,
@@ -14,6 +15,8 @@ from dbguard.errors import (
     LeaseHeld,
     LeaseLost,
     ProjectBusy,
+    ShareRefused,
+    UnflushedData,
     UnsafeCachePath,
     UsageError,
 )
@@ -21,6 +24,7 @@ from dbguard.imagedb import ImageDB
 
 __all__ = [
     "BrokerUnavailable",
+    "CacheDiskFull",
     "EtcdClusterError",
     "ExitCode",
     "Fenced",
@@ -30,6 +34,8 @@ __all__ = [
     "LeaseHeld",
     "LeaseLost",
     "ProjectBusy",
+    "ShareRefused",
+    "UnflushedData",
     "UnsafeCachePath",
     "UsageError",
     "acquire",

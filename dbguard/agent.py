@@ -16,11 +16,13 @@ restarted after a crash reclaims them, and writing processes check them there (w
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import queue
 import signal
@@ -37,10 +39,22 @@ import zmq
 from cache import CacheError, CacheStore
 from dbguard import flushing, protocol
 from dbguard.client import error_from_reply
-from dbguard.errors import ExitCode, Fenced, GuardError, LeaseHeld
+from dbguard.errors import (
+    AgentAlreadyRunning,
+    Fenced,
+    GuardError,
+    IntegrityError,
+    LeaseHeld,
+    LeaseLost,
+    UnflushedData,
+    cache_disk_full,
+    from_cache_error,
+    share_failure,
+)
 from dbguard.lease_service import LeaseService, for_broker
 from dbguard.leases import Holder
-from dbguard.project import Project, token_floor, write_writer_record
+from dbguard.names import PLAIN_NAME_RULE, is_plain_name
+from dbguard.project import Project, read_identity, token_floor, write_writer_record
 from dbguard.project_store import FlushResult
 from dbguard.protocol import AgentOp, ErrorKind, Op
 from dbguard.settings import Settings
@@ -52,6 +66,12 @@ SOCKET_NAME = "agent.sock"
 LOCK_NAME = "agent.lock"
 LOG_NAME = "agent.log"
 LEASES_NAME = "leases.json"
+
+# How often the agent looks for a dirty-marked lease whose cache a flush has emptied, and how
+# long after marking one dirty it leaves it be: the writer that asked writes right after the
+# answer, and withdrawing the mark before that would only make it ask again.
+_SETTLE_INTERVAL = 0.2
+_SETTLE_AFTER_MARK = 1.0
 
 
 def socket_address(cache_dir: Path) -> str:
@@ -68,21 +88,67 @@ class HeldLease:
     state: str = "held"  # held, lost, uncertain (broker not answering)
     reason: str = ""  # why it was lost
     takeover_by: str | None = None
+    # Whether the lease service may believe this host holds unflushed data of the project: set
+    # before a writer's first unflushed write goes through (and, to be safe, on every grant),
+    # cleared once a flush has emptied the cache and the lease service was told so.
+    marked: bool = True
     last_renewed: float = field(default=0.0, repr=False)  # monotonic; not persisted
     last_flush: float = field(default=0.0, repr=False)  # monotonic; not persisted
+    settle_after: float = field(default=0.0, repr=False)  # monotonic; not persisted
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("last_renewed")
         data.pop("last_flush")
+        data.pop("settle_after")
         return data
 
     def as_project(self) -> Project:
         return Project(self.project, Path(self.path))
 
+    @classmethod
+    def from_saved(cls, item: Any) -> HeldLease | None:
+        """The lease an entry of a saved table describes, if it has the form `public` gives it;
+        None for anything else (the table is this agent's own file, but a crash, a full disk or
+        a hand may have left anything in it)."""
+        if not isinstance(item, dict) or not is_plain_name(item.get("project")):
+            return None
+        fields = {name: item[name] for name in _SAVED_FIELDS if name in item}
+        try:
+            lease = cls(**fields)
+        except TypeError:  # a field missing
+            return None
+        numbers = (lease.ttl, lease.since)
+        if (
+            type(lease.token) is not int
+            or lease.token < 0
+            or not all(type(n) in (int, float) and math.isfinite(n) and n >= 0 for n in numbers)
+            or lease.ttl <= 0
+            or not isinstance(lease.path, str)
+            or not os.path.isabs(lease.path)
+            or lease.state not in _LEASE_STATES
+            or not isinstance(lease.reason, str)
+            or not isinstance(lease.takeover_by, (str, type(None)))
+            or not isinstance(lease.marked, bool)
+        ):
+            return None
+        return lease
 
-class AgentAlreadyRunning(GuardError):
-    pass
+
+_LEASE_STATES = ("held", "lost", "uncertain")
+_SAVED_FIELDS = ("project", "path", "token", "ttl", "since", "state", "reason", "takeover_by", "marked")
+
+
+def read_saved_leases(cache_dir: Path) -> list[dict[str, Any]]:
+    """The lease table the agent of ``cache_dir`` saved (`Agent._save`), the entries of the form
+    it writes only: what commands and writers read of it, as the agent itself does."""
+    try:
+        saved = json.loads((cache_dir / LEASES_NAME).read_text())
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(saved, list):
+        return []
+    return [lease.public() for lease in map(HeldLease.from_saved, saved) if lease is not None]
 
 
 class Agent:
@@ -105,6 +171,7 @@ class Agent:
         self._socket.bind(socket_address(cache_dir))
         self._stopping = threading.Event()
         self._renew_now = threading.Event()
+        self._next_settle = 0.0
 
     def _lock(self) -> int:
         fd = os.open(self.cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -135,15 +202,25 @@ class Agent:
         try:
             while not self._stopping.is_set():
                 if poller.poll(200):
-                    self._serve_local()
-                self._do_work()
-                self._flush_due()
+                    self._carry_on(self._serve_local)
+                for step in (self._do_work, self._flush_due, self._settle_clean):
+                    self._carry_on(step)
         finally:
             self._stopping.set()
             heartbeats.join(timeout=5)
             self._socket.close()
             self.broker.close()
             os.close(self._lock_fd)
+
+    @staticmethod
+    def _carry_on(step: Callable[[], None]) -> None:
+        """Run one step of a loop; whatever it meets is logged, and the loop goes on. Projects
+        live on a share that anyone may have left anything in: one of them must not stop the
+        agent from serving and renewing the others."""
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed; the agent carries on", getattr(step, "__name__", step))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -154,37 +231,41 @@ class Agent:
             return [lease for lease in self.leases.values() if lease.state != "lost"]
 
     def _reclaim(self) -> None:
-        """Take back what the previous agent of this cache directory held."""
-        try:
-            saved = json.loads((self.cache_dir / LEASES_NAME).read_text())
-        except (OSError, ValueError):
-            return
-        for item in saved:
-            lease = HeldLease(**item)
-            if lease.state == "lost":
-                self.leases[lease.project] = lease
-                continue
+        """Take back what the previous agent of this cache directory held. One project that
+        cannot be taken back (its cache damaged, its directory broken) is reported, and the
+        others are taken back all the same: the agent must never die at start-up over one."""
+        for item in read_saved_leases(self.cache_dir):
+            lease = HeldLease.from_saved(item)
+            assert lease is not None  # read_saved_leases keeps only these
             try:
-                self._acquire(lease.as_project(), wait=False, takeover=False)
-                self._notice(
-                    lease.project,
-                    f"reclaimed the lease (token {self.leases[lease.project].token}) after an agent restart",
-                )
-            except LeaseHeld as exc:
-                who = (
-                    f"{exc.holder.get('user')} on {exc.holder.get('host')}" if exc.holder else "another host"
-                )
-                lease.state, lease.reason = "lost", f"lost while this agent was down: {who} holds it now"
-                self.leases[lease.project] = lease
-                self._notice(lease.project, lease.reason)
-                self._set_aside(lease)
-            except GuardError as exc:
-                lease.state, lease.reason = "lost", f"could not reclaim it after an agent restart: {exc}"
-                self.leases[lease.project] = lease
-                self._notice(lease.project, lease.reason)
-                # Before serving anyone: whoever started this agent (recover, status) then sees it.
-                self._set_aside(lease)
+                self._reclaim_one(lease)
+            except Exception as exc:
+                log.exception("reclaiming %s failed", lease.project)
+                self._notice(lease.project, f"could not reclaim the lease after an agent restart: {exc}")
         self._save()
+
+    def _reclaim_one(self, lease: HeldLease) -> None:
+        if lease.state == "lost":
+            self.leases[lease.project] = lease
+            return
+        try:
+            self._acquire(lease.as_project(), wait=False, takeover=False, reclaiming=lease.token)
+            self._notice(
+                lease.project,
+                f"reclaimed the lease (token {self.leases[lease.project].token}) after an agent restart",
+            )
+        except LeaseHeld as exc:
+            who = f"{exc.holder.get('user')} on {exc.holder.get('host')}" if exc.holder else "another host"
+            lease.state, lease.reason = "lost", f"lost while this agent was down: {who} holds it now"
+            self.leases[lease.project] = lease
+            self._notice(lease.project, lease.reason)
+            self._set_aside(lease)
+        except GuardError as exc:
+            lease.state, lease.reason = "lost", f"could not reclaim it after an agent restart: {exc}"
+            self.leases[lease.project] = lease
+            self._notice(lease.project, lease.reason)
+            # Before serving anyone: whoever started this agent (recover, status) then sees it.
+            self._set_aside(lease)
 
     def _save(self) -> None:
         with self._table_lock:
@@ -204,13 +285,31 @@ class Agent:
     def unflushed(self, project: str) -> int:
         try:
             return CacheStore.dirty_bytes_of(self.cache_dir, project)
-        except CacheError as exc:
+        except (CacheError, OSError) as exc:
             # A damaged cache may hold unflushed records: say so (a lease that then expires is
             # orphaned, not freed) and keep renewing, rather than let the heartbeat thread die.
             if project not in self._damaged:
                 self._damaged.add(project)
                 self._notice(project, str(exc))
             return 1
+
+    def _announced(self, project: str) -> bool:
+        """Whether the project's cache is announced dirty: gated writes then go through without
+        asking, so a lease granted now must be dirty from the start (a writer announced and the
+        cache was flushed since, but the agent had not settled it yet; or a predecessor agent
+        never did). A damaged cache counts as announced."""
+        try:
+            store = CacheStore(self.cache_dir, project, create=False)
+        except FileNotFoundError:
+            return False
+        except CacheError:
+            return True
+        try:
+            return store.announced()
+        except CacheError:
+            return True
+        finally:
+            store.close()
 
     def _heartbeat_loop(self) -> None:
         client = for_broker(self.settings)
@@ -230,7 +329,7 @@ class Agent:
                 if self._stopping.is_set():
                     return
                 next_beat = time.monotonic() + interval
-                self._heartbeat(client, self._live_leases(), interval)
+                self._carry_on(functools.partial(self._heartbeat, client, self._live_leases(), interval))
         finally:
             client.close()
 
@@ -332,6 +431,100 @@ class Agent:
             )
         return result
 
+    # ---------------------------------------------------------- dirty marks
+
+    def _mark_dirty(self, project_id: str, token: int, unflushed: int) -> dict[str, Any]:
+        """A writer of this host is about to make the project's cache dirty: tell the lease
+        service (durably) first, then let the cache take gated writes (invariant 7).
+
+        Both this and `_settle_clean` run on the main thread, so a clean mark and a dirty mark
+        of one project never cross on their way to the lease service."""
+        with self._table_lock:
+            lease = self.leases.get(project_id)
+        # An "uncertain" lease (renewals unanswered) may still stand: the lease service decides.
+        if lease is None or lease.state not in ("held", "uncertain") or lease.token != token:
+            reason = lease.reason if lease is not None and lease.reason else "not held by this host"
+            raise LeaseLost(
+                f"this host no longer holds the writer lease of {lease.path if lease else project_id} "
+                f"({reason}); nothing more can be written to it here. Run `dbguard status` to see "
+                "who holds it",
+                project=project_id,
+                reason=reason,
+            )
+        reply = self.broker.call(
+            Op.MARK,
+            project=project_id,
+            holder=self.holder.to_json(),
+            token=token,
+            dirty=True,
+            unflushed=unflushed,
+        )
+        if not reply["ok"]:
+            raise error_from_reply(reply, self.settings.broker)
+        lease.marked = True
+        lease.settle_after = time.monotonic() + _SETTLE_AFTER_MARK
+        store = CacheStore(self.cache_dir, project_id)
+        try:
+            store.announce()
+        finally:
+            store.close()
+        return {"marked": True}
+
+    def _settle_clean(self) -> None:
+        """Tell the lease service that a lease is clean again once a flush (this agent's or a
+        user's `dbguard flush`) has emptied its cache: a holder that then dies frees its project
+        after the lock-delay instead of orphaning it."""
+        now = time.monotonic()
+        if now < self._next_settle:
+            return
+        self._next_settle = now + _SETTLE_INTERVAL
+        for lease in self._live_leases():
+            if now < lease.settle_after:
+                continue
+            try:
+                self._settle(lease)
+            except GuardError as exc:
+                # Still dirty at the lease service, which is the safe side; try again later
+                # rather than hold up local requests while the service is away.
+                log.info("%s: cannot mark the lease clean yet: %s", lease.project, exc)
+                self._next_settle = time.monotonic() + protocol.heartbeat_interval(lease.ttl)
+                return
+
+    def _settle(self, lease: HeldLease) -> bool:
+        """If the lease is marked dirty and its cache holds nothing unflushed, withdraw the
+        cache's announcement and mark the lease clean; return whether it is clean now. Raises
+        the GuardError of an unreachable lease service (the lease then stays dirty)."""
+        if lease.state != "held" or not lease.marked:
+            return not lease.marked
+        if self.unflushed(lease.project):
+            return False
+        try:
+            store = CacheStore(self.cache_dir, lease.project, create=False)
+        except FileNotFoundError:
+            clean = True  # no cache at all (never written, or dropped by `clear`)
+        except CacheError:
+            return False  # a damaged cache stays dirty; `unflushed` has said so
+        else:
+            try:
+                clean = store.settle()
+            except CacheError:
+                clean = False
+            finally:
+                store.close()
+        if not clean:
+            return False
+        # A writer that now finds the cache unannounced asks this thread to mark it dirty
+        # again, after this answer: the lease service sees clean, then dirty.
+        reply = self.broker.call(
+            Op.MARK, project=lease.project, holder=self.holder.to_json(), token=lease.token, dirty=False
+        )
+        if reply.get("ok"):
+            lease.marked = False
+        elif reply.get("error") == ErrorKind.LOST:
+            log.info("%s: not marked clean, the lease is gone: %s", lease.project, reply.get("message"))
+            lease.marked = False
+        return not lease.marked
+
     def _hand_over(self, lease: HeldLease) -> None:
         """Another host asked for a takeover: flush, then give the lease up."""
         if self._flush(lease) is None and self.unflushed(lease.project):
@@ -345,15 +538,20 @@ class Agent:
             self._notice(lease.project, f"release for the takeover failed: {exc}")
 
     def _set_aside(self, lease: HeldLease) -> None:
-        """A lost lease's unflushed data must neither be flushed over the new writer nor deleted."""
-        with flushing.flush_lock(self.cache_dir, lease.project):
-            dirty = self.unflushed(lease.project)
-            if dirty:
-                where = flushing.set_aside(self.cache_dir, lease.project, lease.token, lease.reason)
-                self._notice(
-                    lease.project,
-                    f"kept {human_size(dirty)} of unflushed data aside in {where}; see `dbguard recover`",
-                )
+        """A lost lease's unflushed data must neither be flushed over the new writer nor deleted.
+        A cache that cannot be moved (damaged, its disk full) stays where it is, said so: no
+        writer of this host can write it under the lost lease anyway."""
+        try:
+            with flushing.flush_lock(self.cache_dir, lease.project):
+                dirty = self.unflushed(lease.project)
+                if dirty:
+                    where = flushing.set_aside(self.cache_dir, lease.project, lease.token, lease.reason)
+                    self._notice(
+                        lease.project,
+                        f"kept {human_size(dirty)} of unflushed data aside in {where}; see `dbguard recover`",
+                    )
+        except (GuardError, CacheError, OSError) as exc:
+            self._notice(lease.project, f"could not set the unflushed data of the lost lease aside: {exc}")
 
     def _writer(self) -> dict[str, str]:
         return {"host": self.holder.host, "user": self.holder.user}
@@ -384,13 +582,22 @@ class Agent:
                     req_id, pid=os.getpid(), **self.holder.to_json(), broker=self.settings.broker
                 )
             if op == AgentOp.ACQUIRE:
-                project = Project(str(request["project"]), Path(str(request["path"])))
+                project = Project(_project_id(request), Path(str(request["path"])))
                 result = self._acquire(
                     project, wait=bool(request.get("wait")), takeover=bool(request.get("takeover"))
                 )
                 return protocol.reply_ok(req_id, **result)
             if op == AgentOp.RELEASE:
-                return protocol.reply_ok(req_id, **self._flush_and_release(str(request["project"])))
+                return protocol.reply_ok(req_id, **self._flush_and_release(_project_id(request)))
+            if op == AgentOp.SETTLE:
+                with self._table_lock:
+                    lease = self.leases.get(str(request["project"]))
+                return protocol.reply_ok(req_id, clean=lease is not None and self._settle(lease))
+            if op == AgentOp.MARK_DIRTY:
+                result = self._mark_dirty(
+                    _project_id(request), int(request["token"]), int(request.get("unflushed", 0))
+                )
+                return protocol.reply_ok(req_id, **result)
             if op == AgentOp.LEASES:
                 with self._table_lock:
                     leases = [lease.public() for lease in self.leases.values()]
@@ -400,19 +607,32 @@ class Agent:
                 self.stop()
                 return protocol.reply_ok(req_id)
             return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"unknown operation {op!r}")
-        except LeaseHeld as exc:
-            return protocol.reply_error(req_id, ErrorKind.HELD, exc.message, holder=exc.holder)
-        except Fenced as exc:
-            return protocol.reply_error(req_id, ErrorKind.INTEGRITY, exc.message)
-        except GuardError as exc:
-            kinds = {ExitCode.UNREACHABLE: ErrorKind.UNAVAILABLE, ExitCode.INTEGRITY: ErrorKind.INTEGRITY}
-            return protocol.reply_error(req_id, kinds.get(exc.exit_code, ErrorKind.INTERNAL), exc.message)
-        except CacheError as exc:  # a damaged cache: the command exits 6 and names it
-            return protocol.reply_error(req_id, ErrorKind.INTEGRITY, str(exc))
+        except GuardError as exc:  # each class says how it travels (dbguard.errors)
+            return exc.to_reply(req_id)
+        except CacheError as exc:  # the cache knows nothing of dbguard: translated at this boundary
+            return from_cache_error(exc).to_reply(req_id)
+        except OSError as exc:
+            # The agent's own files (its lease table, lock files) live in the cache directory: a
+            # full disk there is said as such. Nothing else may kill the agent either.
+            error = cache_disk_full(self.cache_dir, exc)
+            if error is None:
+                log.exception("request %s failed", op)
+                error = GuardError(f"the dbguard agent failed on this request: {exc}; see its log {LOG_NAME}")
+            return error.to_reply(req_id)
         except (KeyError, TypeError, ValueError) as exc:
             return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"malformed request: {exc!r}")
+        except Exception as exc:  # nothing a request meets may kill the agent
+            log.exception("request %s failed", op)
+            return GuardError(
+                f"the dbguard agent failed on this request: {exc!r}; see its log {LOG_NAME}"
+            ).to_reply(req_id)
 
-    def _acquire(self, project: Project, *, wait: bool, takeover: bool) -> dict[str, Any]:
+    def _acquire(
+        self, project: Project, *, wait: bool, takeover: bool, reclaiming: int | None = None
+    ) -> dict[str, Any]:
+        """Ask the lease service for the writer lease, and take it up (`_take_up`). ``reclaiming``
+        is the token of the lease this agent's predecessor held, when it takes that back."""
+        unflushed = self.unflushed(project.id)
         reply = self.broker.call(
             Op.ACQUIRE,
             project=project.id,
@@ -420,7 +640,8 @@ class Agent:
             wait=wait,
             takeover=takeover,
             floor=token_floor(project),
-            unflushed=self.unflushed(project.id),
+            unflushed=unflushed,
+            dirty=unflushed > 0 or self._announced(project.id),
         )
         if not reply["ok"]:
             raise error_from_reply(reply, self.settings.broker)
@@ -433,27 +654,112 @@ class Agent:
             self.leases[project.id] = lease
         if previous is None or previous.token != lease.token or previous.state != "held":
             try:
-                # The store learns the new token at once (a fence), so an earlier holder that
-                # wakes up cannot flush over this one even before it writes anything.
-                flushing.adopt_store(self.cache_dir, project, lease.token, self._writer())
-                writer = {**self._writer(), "since": _wall_text(lease.since), "token": lease.token}
-                write_writer_record(project, writer=writer, token=lease.token)
-            except (GuardError, CacheError):
-                self._release(project.id)
-                raise
-        self._save()
+                self._take_up(project, lease)
+            except GuardError as exc:
+                if reclaiming != lease.token:
+                    self._give_back(project.id, lease, previous)
+                    raise
+                # The predecessor's own lease, resumed: the store was fenced and the record
+                # written under this token when it was granted, and the cache may hold its
+                # unflushed data. Given back, the project would be free with that data here;
+                # kept, it is renewed as holding unflushed data until the cause is fixed.
+                if isinstance(exc.__cause__, CacheError):
+                    self._damaged.add(project.id)
+                self._notice(project.id, f"kept the lease (token {lease.token}), but: {exc}")
+        try:
+            self._save()
+        except OSError as exc:
+            self._give_back(project.id, lease, previous)
+            raise self._cache_failure(exc, _AFTER_GRANT) from exc
         self._renew_now.set()
         return {"status": "granted", **lease.public()}
+
+    def _take_up(self, project: Project, lease: HeldLease) -> None:
+        """What a new grant needs before anyone writes under it: the store learns the new token
+        at once (a fence), so an earlier holder that wakes up cannot flush over this one even
+        before it writes anything; the cache is made fit for it; the writer record says who
+        writes. Whatever fails is a GuardError naming the file: exit 6 for damage (a file where
+        a directory belongs, a damaged cache), 7 for what the share or the disk refused."""
+        try:
+            # The directory must still be the project (a share not mounted, another project
+            # mounted or moved there): nothing is fenced or recorded in anyone else's directory.
+            found = read_identity(project.path)
+            if found != project.id:
+                raise IntegrityError(
+                    f"{project.path} now holds project {found}, not {project.id}: the share mounted there, "
+                    f"or the directory, changed. Nothing was written to it; {_AFTER_GRANT}",
+                    path=str(project.meta_dir),
+                )
+            flushing.adopt_store(self.cache_dir, project, lease.token, self._writer())
+            writer = {**self._writer(), "since": _wall_text(lease.since), "token": lease.token}
+            write_writer_record(project, writer=writer, token=lease.token)
+        except GuardError:
+            raise
+        except CacheError as exc:
+            raise from_cache_error(exc) from exc
+        except OSError as exc:
+            in_cache = exc.filename is not None and Path(str(exc.filename)).is_relative_to(self.cache_dir)
+            if in_cache:
+                raise self._cache_failure(exc, _AFTER_GRANT) from exc
+            raise share_failure(project.meta_dir, exc, _AFTER_GRANT) from exc
+        except Exception as exc:
+            log.exception("taking up the lease of %s failed", project.path)
+            raise GuardError(
+                f"taking up the writer lease of {project.path} failed ({exc!r}); {_AFTER_GRANT}"
+            ) from exc
+
+    def _cache_failure(self, exc: OSError, then: str) -> GuardError:
+        """A failure of this agent's own files in the cache directory, as a GuardError."""
+        full = cache_disk_full(self.cache_dir, exc)
+        if full is not None:
+            return full
+        where = exc.filename or self.cache_dir
+        return IntegrityError(
+            f"{where} in the cache directory cannot be used ({exc.strerror or exc}); move it aside "
+            f"(dbguard makes it anew); {then}",
+            path=str(where),
+        )
+
+    def _give_back(self, project_id: str, lease: HeldLease, previous: HeldLease | None) -> None:
+        """Undo a grant this agent could not take up: the lease service frees it again, and the
+        table holds what it held before (a lost lease stays listed; nothing is renewed)."""
+        with self._table_lock:
+            if self.leases.get(project_id) is lease:
+                if previous is not None and previous.state == "lost":
+                    self.leases[project_id] = previous
+                else:
+                    del self.leases[project_id]
+        try:
+            self.broker.call_ok(
+                Op.RELEASE, project=project_id, holder=self.holder.to_json(), token=lease.token
+            )
+        except GuardError as exc:
+            self._notice(
+                project_id,
+                f"could not give back the lease (token {lease.token}) it could not take up: {exc}; "
+                f"unrenewed, it ends by itself within {lease.ttl:.0f}s",
+            )
+        with contextlib.suppress(OSError):
+            self._save()
 
     def _flush_and_release(self, project_id: str) -> dict[str, Any]:
         with self._table_lock:
             lease = self.leases.get(project_id)
         if lease is not None and lease.state == "held" and self.unflushed(project_id):
             result = self._flush(lease)
-            if result is None and self.unflushed(project_id):
-                raise GuardError(
-                    "not released: this host's unflushed data could not be flushed (see `dbguard status`); "
-                    "fix the cause and run `dbguard release` again"
+            unflushed = self.unflushed(project_id)
+            if result is None and unflushed:
+                with self._table_lock:
+                    why = next(
+                        (n["text"] for n in reversed(self.notices) if n["project"] == project_id),
+                        "see `dbguard status`",
+                    )
+                raise UnflushedData(
+                    f"not released: {human_size(unflushed)} of {lease.path} are unflushed on this host and "
+                    f"could not be flushed ({why}). Nothing was lost and the lease is still held: fix the "
+                    "cause and run `dbguard release` again",
+                    project=project_id,
+                    unflushed=unflushed,
                 )
         return self._release(project_id)
 
@@ -469,9 +775,23 @@ class Agent:
         if lease.state == "held":
             try:
                 write_writer_record(lease.as_project(), writer=None, token=lease.token)
-            except OSError as exc:
+            except (OSError, GuardError) as exc:  # advisory: the broker is the authority
                 log.warning("could not update the writer record of %s: %s", lease.path, exc)
         return {"released": True, "token": lease.token, "state": lease.state}
+
+
+# What to do after a grant that could not be taken up (`Agent._take_up`): it was given back.
+_AFTER_GRANT = (
+    "then run `dbguard acquire` again. This host did not become the writer: the lease was given back"
+)
+
+
+def _project_id(request: dict[str, Any]) -> str:
+    """A request's project id, which becomes a file name in the cache directory: a plain name."""
+    project = request["project"]
+    if not is_plain_name(project):
+        raise ValueError(f"project id {project!r} is not a plain name ({PLAIN_NAME_RULE})")
+    return str(project)
 
 
 def _describe_loss(result: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Callable
@@ -21,12 +20,25 @@ import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with 
 from cache import CacheStore, UnsafeCacheLocation, check_not_network
 from dbguard import flushing, local_agent
 from dbguard import project as projects
-from dbguard.agent import LEASES_NAME
+from dbguard.agent import read_saved_leases
 from dbguard.client import Client
-from dbguard.errors import GuardError, LeaseHeld, LeaseLost, ProjectBusy, UnsafeCachePath, UsageError
+from dbguard.errors import (
+    BrokerUnavailable,
+    GuardError,
+    IntegrityError,
+    LeaseHeld,
+    LeaseLost,
+    ProjectBusy,
+    UnflushedData,
+    UnsafeCachePath,
+    UsageError,
+    cache_errors_translated,
+)
 from dbguard.imagedb import ImageDB, writers_lock_path
 from dbguard.imagedb import open as open_imagedb
+from dbguard.keys import is_loopback
 from dbguard.lease_service import for_broker
+from dbguard.leases import LeaseState
 from dbguard.project_store import ProjectStore
 from dbguard.protocol import AgentOp, Op
 from dbguard.settings import Settings, load
@@ -43,11 +55,15 @@ def _settings(settings: Settings | None) -> Settings:
     return settings if settings is not None else load()
 
 
+@cache_errors_translated
 def init(project: PathLike = None) -> projects.Project:
     """Make a directory a dbguard project (idempotent)."""
+    if project is not None and not isinstance(project, (str, os.PathLike)):
+        raise UsageError(f"a project is a directory path, not {type(project).__name__} {project!r}")
     return projects.init(Path(project) if project is not None else Path.cwd())
 
 
+@cache_errors_translated
 def acquire(
     project: PathLike = None,
     *,
@@ -63,6 +79,8 @@ def acquire(
     ask the holder to flush and release, and wait for it (``wait`` seconds, default two TTLs).
     """
     settings = _settings(settings)
+    if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
+        raise UsageError(f"wait must be a number of seconds, zero or more, not {wait!r}")
     target = projects.open_project(project, create=True)
     agent = local_agent.connect(settings)
     try:
@@ -78,6 +96,8 @@ def acquire(
             except LeaseHeld as exc:
                 raise LeaseHeld(_held_message(target, exc.holder, waited=None), holder=exc.holder) from None
             if reply["status"] == "granted":
+                if target.recovered:  # project.json was lost: say which id was written back
+                    reply["identity"] = target.recovered
                 return reply
             if time.monotonic() >= deadline:
                 _leave_queue(settings, agent, target)
@@ -119,6 +139,7 @@ def _held_message(target: projects.Project, holder: dict[str, Any], waited: floa
     )
 
 
+@cache_errors_translated
 def release(project: PathLike = None, *, settings: Settings | None = None) -> dict[str, Any]:
     """Give up this host's writer lease on a project."""
     settings = _settings(settings)
@@ -128,6 +149,7 @@ def release(project: PathLike = None, *, settings: Settings | None = None) -> di
         return agent.call_ok(AgentOp.RELEASE, project=target.id)
 
 
+@cache_errors_translated
 def status(project: PathLike = None, *, settings: Settings | None = None) -> dict[str, Any]:
     """What the broker and this host's agent know of a project (or of every project)."""
     settings = _settings(settings)
@@ -137,7 +159,13 @@ def status(project: PathLike = None, *, settings: Settings | None = None) -> dic
             reply = broker.call_ok(Op.STATUS, project=target.id)
         else:
             reply = broker.call_ok(Op.STATUS)
+        # Whether anyone on the network may take or break leases at this broker: one without
+        # keys that listens beyond loopback. etcd secures itself (TLS, RBAC) and says nothing here.
+        hello = broker.call_ok(Op.HELLO) if settings.broker.startswith("tcp://") else {}
     result: dict[str, Any] = {"broker": settings.broker, "projects": reply["projects"], "agent": None}
+    if "authenticated" in hello:
+        result["authenticated"] = bool(hello["authenticated"])
+        result["exposed"] = bool(hello.get("exposed")) or not is_loopback(settings.broker)
     if target is not None:
         result["projects"][0]["path"] = str(target.path)
     agent = local_agent.revive(settings)
@@ -153,6 +181,7 @@ def status(project: PathLike = None, *, settings: Settings | None = None) -> dic
     return result
 
 
+@cache_errors_translated
 def break_lease(project: PathLike, *, settings: Settings | None = None) -> dict[str, Any]:
     """Free a project whatever holds it; returns what may be stranded on the former holder."""
     settings = _settings(settings)
@@ -175,6 +204,18 @@ def _held_lease(settings: Settings, target: projects.Project) -> dict[str, Any] 
     return None
 
 
+def _mark_clean(settings: Settings, target: projects.Project) -> None:
+    """After a flush that emptied the cache, have the agent mark the lease clean at once: a host
+    that dies right after `flush` returned then frees its project instead of orphaning it. Best
+    effort: if it fails, the lease stays dirty (the safe side) until the agent's next look."""
+    agent = local_agent.running(settings)
+    if agent is None:
+        return
+    with agent, contextlib.suppress(GuardError):
+        agent.call_ok(AgentOp.SETTLE, project=target.id)
+
+
+@cache_errors_translated
 def flush(
     project: PathLike = None,
     *,
@@ -189,10 +230,13 @@ def flush(
     lease = _held_lease(settings, target)
     if lease is None or lease["state"] != "held":
         if dirty:
-            raise LeaseLost(
-                f"{dirty} bytes of {target.path} are unflushed here but this host does not hold its writer "
-                "lease, so they cannot be flushed; `dbguard acquire` it first (they are kept either way)",
+            raise UnflushedData(
+                f"{human_size(dirty)} of {target.path} are unflushed on this host, but it does not hold the "
+                "project's writer lease (or its agent is not running), so they cannot be flushed; run "
+                "`dbguard acquire` first, then `dbguard flush`. Nothing was lost: they stay in this host's "
+                "cache",
                 project=target.id,
+                unflushed=dirty,
             )
         # Nothing is dirty because the agent (or a fenced flush) has just set this lease's unflushed
         # data aside: reporting "nothing to flush" would tell the writer its records are durable.
@@ -209,6 +253,7 @@ def flush(
         return {"project": target.id, "records": 0, "bytes": 0, "generation": None}
     writer = {"host": settings.host, "user": settings.user}
     result = flushing.flush_project(cache_root, target, int(lease["token"]), writer=writer, progress=progress)
+    _mark_clean(settings, target)
     return {
         "project": target.id,
         "records": result.records,
@@ -220,9 +265,8 @@ def flush(
 def _kept_aside(cache_root: Path, target: projects.Project, lease: dict[str, Any] | None) -> int:
     """Bytes of the project set aside under the lease this host last held, if it lost it."""
     if lease is None:  # no agent answering: its saved table still says which lease it held
-        with contextlib.suppress(OSError, ValueError):
-            saved = json.loads((cache_root / LEASES_NAME).read_text())
-            lease = next((item for item in saved if item.get("project") == target.id), None)
+        saved = read_saved_leases(cache_root)
+        lease = next((item for item in saved if item["project"] == target.id), None)
     if lease is None or lease.get("state") != "lost":
         return 0
     token = int(lease["token"])
@@ -256,6 +300,7 @@ def local_writers(settings: Settings, target: projects.Project) -> list[dict[str
     return found or [{"pid": None, "name": "unknown", "cmdline": []}]
 
 
+@cache_errors_translated
 def clear(
     project: PathLike = None,
     *,
@@ -263,10 +308,16 @@ def clear(
     settings: Settings | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """The `e2bdb.py -c` equivalent: flush, verify, drop the local cache, release.
+    """The `e2bdb.py -c` equivalent: flush, check the share's copy, drop the local cache, release.
 
     Refuses while a process of this host has the project open for writing, unless ``force``.
-    Safe to run twice: what is already done is skipped, and the result says what was done.
+    Before the cache is dropped, every record in it is read back from the share past this
+    host's page cache and matched with the cache's copy. Records whose copy on the share is
+    damaged are flushed again (a new generation) and read back again; if that fails too, the
+    cache is kept and IntegrityError names them. An agent that died is restarted first, so the
+    lease it held is flushed under and released; the result is success only once the lease
+    service no longer names this host as the writer. Safe to run twice: what is already done
+    is skipped, and the result says what was done.
     """
     settings = _settings(settings)
     target = projects.open_project(project)
@@ -279,16 +330,192 @@ def clear(
             "`dbguard clear --force` to flush what they wrote so far and clear anyway"
         )
     done: dict[str, Any] = {"project": target.id, "path": str(target.path), "writers": writers}
+    done["agent_restarted"] = _restart_agent(settings, target)
     done["flushed"] = flush(target.path, settings=settings, progress=progress)
-    done["verified"] = flushing.verify_cache_in_store(cache_root, target)
+    check, done["reflushed"] = _check_share(settings, cache_root, target, progress)
+    done["verified"] = check.checked
+    done["read_back"] = {
+        "records": check.checked,
+        "superseded": check.superseded,
+        "segments": check.segments,
+        "bytes": check.bytes,
+        "method": check.method or None,
+    }
     done["dropped_bytes"] = flushing.drop_cache(cache_root, target.id)
-    lease = _held_lease(settings, target)
-    done["released"] = None
-    if lease is not None:
-        done["released"] = release(target.path, settings=settings)
+    done["released"], restarted = _release_for_clear(settings, target)
+    done["agent_restarted"] = done["agent_restarted"] or restarted
+    done["lease"] = _lease_left(settings, target)
     return done
 
 
+def _restart_agent(settings: Settings, target: projects.Project) -> bool:
+    """Make sure this host's agent runs and holds what it held before it died (a crash, kill -9,
+    a reboot): otherwise the lease stays held, or orphaned, at the lease service while nothing
+    here renews or releases it. True if an agent had to be started."""
+    running = local_agent.running(settings)
+    if running is not None:
+        running.close()
+    else:
+        revived = local_agent.revive(settings)  # it reclaims the leases in its saved table
+        if revived is not None:
+            revived.close()
+            return True
+    # An agent that died between a grant and saving its table left no trace of that lease
+    # here, but the lease service has it: asked again, it resumes the lease (same holder).
+    try:
+        state = _lease_state(settings, target)
+    except BrokerUnavailable:
+        return False  # `_lease_left` says what that leaves undone
+    if not _names_this_host(settings, state) or _held_lease(settings, target) is not None:
+        return False
+    with local_agent.connect(settings) as agent, contextlib.suppress(LeaseHeld):
+        agent.call_ok(AgentOp.ACQUIRE, project=target.id, path=str(target.path), wait=False, takeover=False)
+    return running is None
+
+
+def _lease_state(settings: Settings, target: projects.Project) -> dict[str, Any]:
+    with for_broker(settings) as broker:
+        state: dict[str, Any] = broker.call_ok(Op.STATUS, project=target.id)["projects"][0]
+    return state
+
+
+def _names_this_host(settings: Settings, state: dict[str, Any]) -> bool:
+    writer = state.get("writer") or {}
+    return (
+        state.get("state") != LeaseState.FREE
+        and writer.get("host") == settings.host
+        and writer.get("user") == settings.user
+    )
+
+
+def _check_share(
+    settings: Settings,
+    cache_root: Path,
+    target: projects.Project,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[flushing.ReadBack, dict[str, Any] | None]:
+    """Read the cache's records back from the share; flush the damaged ones again and read those
+    back too. Returns what was read and what was flushed again; IntegrityError if the share
+    still does not hold every record of the cache (the cache is kept then)."""
+    check = flushing.verify_cache_in_store(cache_root, target)
+    if check.unmendable:
+        raise IntegrityError(
+            f"the project store of {target.path} is damaged where a new flush cannot mend it: "
+            f"{'; '.join(check.unmendable)}. This host's cache was kept (nothing dropped or released). "
+            "Restore that file from a backup, then run `dbguard clear` again",
+            path=str(ProjectStore(target.path, target.id).root),
+        )
+    if not check.damaged:
+        return check, None
+    damaged = dict(check.damaged)
+    lease = _held_lease(settings, target)
+    if lease is None or lease["state"] != "held":
+        # Marked unflushed, the good copies cannot be dropped by mistake, and they are flushed
+        # by the next writer's flush here (or kept aside if another host writes meanwhile).
+        flushing.mark_unflushed(cache_root, target, damaged)
+        raise IntegrityError(
+            f"{_records_text(damaged)} of {target.path} differ on the share from this host's cache "
+            f"({_first(damaged)}). The cache was kept and those records are marked unflushed again; "
+            "this host does not hold the writer lease, so they cannot be written now: run "
+            f"`dbguard acquire {target.path}`, then `dbguard clear {target.path}`",
+            path=str(ProjectStore(target.path, target.id).root),
+        )
+
+    def announce(size: int) -> None:
+        with local_agent.connect(settings) as agent:
+            agent.call_ok(AgentOp.MARK_DIRTY, project=target.id, token=int(lease["token"]), unflushed=size)
+
+    flushing.mark_unflushed(cache_root, target, damaged, announce)
+    again_flushed = flush(target.path, settings=settings, progress=progress)
+    again = flushing.verify_cache_in_store(cache_root, target, only=damaged)
+    if again.unmendable or again.damaged:
+        # Unflushed, they are neither dropped nor forgotten: the next flush writes them again.
+        flushing.mark_unflushed(cache_root, target, again.damaged, announce)
+        left = again.damaged or damaged
+        raise IntegrityError(
+            f"{_records_text(left)} of {target.path} still differ on the share from this host's cache "
+            f"after they were flushed again as generation {again_flushed['generation']}: "
+            f"{'; '.join([*again.unmendable, *again.damaged.values()])}. The cache was kept, those records "
+            "stay unflushed in it and the lease stays with this host. Check the storage behind the share "
+            f"(`dbguard verify {target.path}`), then run `dbguard clear` again",
+            path=str(ProjectStore(target.path, target.id).root),
+        )
+    check.checked += again.checked
+    check.segments += again.segments
+    check.bytes += again.bytes
+    reflushed = {
+        "records": len(damaged),
+        "generation": again_flushed["generation"],
+        "bytes": again_flushed["bytes"],
+        "damaged": list(damaged.values()),
+    }
+    return check, reflushed
+
+
+def _records_text(records: dict[tuple[str, int], str]) -> str:
+    return "1 record" if len(records) == 1 else f"{len(records)} records"
+
+
+def _first(records: dict[tuple[str, int], str]) -> str:
+    first = next(iter(records.values()))
+    return first if len(records) == 1 else f"{first}; and {len(records) - 1} more"
+
+
+def _release_for_clear(settings: Settings, target: projects.Project) -> tuple[dict[str, Any] | None, bool]:
+    """Release this host's lease through its agent, started again if it died during the flush;
+    also whether it had to be started."""
+    failure: BrokerUnavailable | None = None
+    restarted = False
+    for _ in range(2):
+        running = local_agent.running(settings)
+        agent = running or local_agent.revive(settings)
+        if agent is None:
+            return None, restarted
+        agent.close()
+        restarted = restarted or running is None
+        if _held_lease(settings, target) is None:
+            return None, restarted
+        try:
+            return release(target.path, settings=settings), restarted
+        except BrokerUnavailable as exc:  # the agent died in between, or the lease service is away
+            failure = exc
+    raise BrokerUnavailable(
+        f"the cache of {target.path} was flushed, checked against the share and dropped, but its lease "
+        f"could not be released ({failure}). Run `dbguard release {target.path}` when the lease service "
+        "answers",
+        address=settings.broker,
+    )
+
+
+def _lease_left(settings: Settings, target: projects.Project) -> dict[str, Any]:
+    """The lease service's view of the project after a clear; LeaseHeld if it still names this
+    host as the writer, BrokerUnavailable if it cannot say."""
+    try:
+        state = _lease_state(settings, target)
+    except BrokerUnavailable as exc:
+        raise BrokerUnavailable(
+            f"the cache of {target.path} was flushed, checked against the share and dropped, but the lease "
+            f"service did not answer ({exc}), so whether it still names this host as the writer is unknown. "
+            f"Run `dbguard status {target.path}` when it answers, and `dbguard clear {target.path}` again "
+            f"if it names {settings.user} on {settings.host}",
+            address=settings.broker,
+        ) from exc
+    writer = state.get("writer") or None
+    if _names_this_host(settings, state):
+        assert writer is not None
+        raise LeaseHeld(
+            f"the cache of {target.path} was flushed, checked against the share and dropped, but the lease "
+            f"service still names {writer.get('user')} on {writer.get('host')} (this host) as its writer "
+            f"({state.get('state')}, token {writer.get('token')}), and this host's agent for the cache "
+            f"{local_agent.cache_dir(settings)} does not hold that lease: another cache directory of this "
+            "host does. Run `dbguard release` there (with its DBGUARD_CACHE), or, once sure nothing "
+            f"unflushed is left on this host, `dbguard break --force {target.path}`",
+            holder=dict(writer),
+        )
+    return {"state": state.get("state"), "writer": writer}
+
+
+@cache_errors_translated
 def open(  # the documented name, `dbguard.open`, shadows the builtin in this module only
     project: PathLike, name: str, mode: str = "r", *, settings: Settings | None = None
 ) -> ImageDB:
@@ -296,6 +523,7 @@ def open(  # the documented name, `dbguard.open`, shadows the builtin in this mo
     return open_imagedb(project, name, mode, settings=settings)
 
 
+@cache_errors_translated
 def browse(project: PathLike, *, settings: Settings | None = None) -> dict[str, Any]:
     """What a project holds, read-only from any host: databases, counts, shapes, generation,
     writer, how much unflushed data the writer has, and when it last flushed."""
@@ -341,6 +569,7 @@ def browse(project: PathLike, *, settings: Settings | None = None) -> dict[str, 
     }
 
 
+@cache_errors_translated
 def ls(project: PathLike, db: str | None = None, *, settings: Settings | None = None) -> dict[str, Any]:
     """The databases of a project, or the records of one database, from the newest generation."""
     settings = _settings(settings)
@@ -363,11 +592,13 @@ def ls(project: PathLike, db: str | None = None, *, settings: Settings | None = 
         view.close()
 
 
+@cache_errors_translated
 def verify(project: PathLike) -> dict[str, Any]:
     """Check every manifest and every record's checksum; ``problems`` lists what is damaged."""
     target = projects.open_project(project)
     store = ProjectStore(target.path, target.id)
-    problems = list(store.verify())
+    superseded: list[str] = []
+    problems = list(store.verify(superseded))
     manifest = None
     with contextlib.suppress(GuardError):
         manifest = store.latest()
@@ -377,9 +608,12 @@ def verify(project: PathLike) -> dict[str, Any]:
         "generation": manifest.generation if manifest else None,
         "records": sum(int(s.get("records", 0)) for s in manifest.segments.values()) if manifest else 0,
         "problems": problems,
+        # damaged copies that later flushes replaced (as `clear` does): no reader reads them
+        "superseded": superseded,
     }
 
 
+@cache_errors_translated
 def recover(*, export: Path | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """List the data of lost leases kept aside in this host's cache; optionally export it as
     .npy files (one per record, with its attrs in a .json beside it)."""
@@ -403,19 +637,18 @@ def recover(*, export: Path | None = None, settings: Settings | None = None) -> 
     return {"cache": str(cache_root), "aside": found}
 
 
+@cache_errors_translated
 def cached_projects(settings: Settings | None = None) -> list[Path]:
     """The project directories this host has a cache or a lease for (for `clear --all`)."""
     settings = _settings(settings)
     cache_root = local_agent.cache_dir(settings)
     paths: dict[str, Path] = {}
-    try:
-        for lease in json.loads((cache_root / LEASES_NAME).read_text()):
-            paths[lease["project"]] = Path(lease["path"])
-    except (OSError, ValueError):
-        pass
+    for lease in read_saved_leases(cache_root):
+        paths[lease["project"]] = Path(lease["path"])
     return list(paths.values())
 
 
+@cache_errors_translated
 def check_cache(path: Path) -> dict[str, str]:
     """Where the cache at ``path`` would live; raise UnsafeCachePath if it may not."""
     try:

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.auth.base import Authenticator
 from zmq.auth.thread import ThreadAuthenticator
 
 from dbguard import protocol
-from dbguard.errors import GuardError
-from dbguard.keys import BrokerKeys
+from dbguard.errors import GuardError, IntegrityError
+from dbguard.keys import BrokerKeys, is_loopback
 from dbguard.lease_store import LeaseStore, LmdbLeaseStore
 from dbguard.leases import Decision, Holder, LeaseState, LeaseTable, Timing
 from dbguard.protocol import ErrorKind, Op, ProtocolError
@@ -48,8 +49,18 @@ class Broker:
         self.table = LeaseTable(timing)
         records = store.load()
         started = time.monotonic()
-        self.table.load(records, started)
-        live = any(r["state"] in (LeaseState.HELD, LeaseState.LOCK_DELAY) for r in records)
+        try:
+            self.table.load(records, started)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a record of the wrong shape
+            where = str(getattr(store, "path", store.identity))
+            store.close()
+            raise IntegrityError(
+                f"the broker state in {where} holds a damaged lease record ({type(exc).__name__}: {exc}); "
+                "move that directory aside and start the broker again: projects keep their fencing "
+                "floor in their .dbguard directory, so tokens stay increasing",
+                path=where,
+            ) from exc
+        live = any(r.get("state") in (LeaseState.HELD, LeaseState.LOCK_DELAY) for r in records)
         if not live:
             # Nobody can be renewing a lease from an earlier run, so there is nothing to protect.
             self.table.grace_until = started
@@ -67,14 +78,15 @@ class Broker:
         if keys is not None:
             # ZAP checks every client's key during the handshake; a server's CURVE options must
             # be set before bind (pyzmq's ThreadAuthenticator pattern).
-            self._authenticator = ThreadAuthenticator(self._context)
-            self._authenticator.start()
-            self._authenticator.configure_curve_callback(domain="*", credentials_provider=_Authorized(keys))
+            self._start_authenticator(keys)
             self._socket.curve_secretkey = keys.secret
             self._socket.curve_publickey = keys.public
             self._socket.curve_server = True
         self._socket.bind(address)
         self.bound_address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # Told to every client (HELLO), so that `dbguard status` can say when anyone on the
+        # network may take or break leases here.
+        self.exposed = not is_loopback(self.bound_address)
         self._stop = threading.Event()
         log.info(
             "broker %s listening on %s with %d projects (ttl %.1fs, grace %.1fs left)",
@@ -95,15 +107,51 @@ class Broker:
         poller.register(self._socket, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                self._check_authenticator()
                 if not poller.poll(100):
                     continue
                 self._serve_batch()
         finally:
             self._persist()
             self._socket.close()
-            if self._authenticator is not None:
-                self._authenticator.stop()
+            self._stop_authenticator()
             self.store.close()
+
+    # ------------------------------------------------------- authentication
+
+    def _start_authenticator(self, keys: BrokerKeys) -> None:
+        self._authenticator = ThreadAuthenticator(self._context)
+        self._authenticator.start()
+        self._authenticator.configure_curve_callback(domain="*", credentials_provider=_Authorized(keys))
+
+    def _check_authenticator(self) -> None:
+        """Restart the ZAP thread if it died: without it every handshake waits forever, so
+        every client, authorised or not, would be told the broker is unreachable."""
+        if self.keys is None or (self._authenticator is not None and self._authenticator.is_alive()):
+            return
+        if self._authenticator is not None:
+            log.error("the authentication thread stopped; starting it again")
+            self._stop_authenticator()
+        try:
+            self._start_authenticator(self.keys)
+        except zmq.ZMQError as exc:  # the old ZAP endpoint not yet released: next turn
+            log.warning("cannot restart the authentication thread yet: %s", exc)
+            self._stop_authenticator()
+
+    def _stop_authenticator(self) -> None:
+        authenticator, self._authenticator = self._authenticator, None
+        if authenticator is None:
+            return
+        if authenticator.is_alive():
+            authenticator.stop()
+            return
+        # Its thread is gone: ThreadAuthenticator.stop() would send TERMINATE to a pipe nobody
+        # reads and block there for ever (a broker that ignores SIGTERM). Close its sockets only.
+        if authenticator.pipe is not None:
+            authenticator.pipe.close(linger=0)
+            authenticator.pipe = None  # type: ignore[assignment]  # what stop() leaves behind
+        authenticator.thread = None  # type: ignore[assignment]  # likewise
+        Authenticator.stop(authenticator)
 
     def _serve_batch(self) -> None:
         outgoing: list[list[bytes]] = []
@@ -153,8 +201,8 @@ class Broker:
             return cached
         try:
             reply = self._dispatch(request, principal)
-        except GuardError as exc:
-            reply = protocol.reply_error(request["id"], ErrorKind.BAD_REQUEST, str(exc))
+        except GuardError as exc:  # each class says how it travels (dbguard.errors)
+            reply = exc.to_reply(request["id"])
         except Exception:  # the broker never dies of one request
             log.exception("request %s failed", request.get("op"))
             reply = protocol.reply_error(
@@ -180,13 +228,13 @@ class Broker:
                 version=protocol.VERSION,
                 projects=len(table.projects),
                 stats=self.stats,
+                authenticated=self.keys is not None,
+                exposed=self.exposed,
             )
         if op == Op.STATUS:
             if "project" in request:
                 return protocol.reply_ok(req_id, projects=[table.status(request["project"], now, wall)])
-            return protocol.reply_ok(
-                req_id, projects=[table.status(p, now, wall) for p in table.known_projects()]
-            )
+            return protocol.reply_ok(req_id, projects=table.status_all(now, wall))
         if op == Op.BREAK:
             if not request["force"]:
                 return protocol.reply_error(req_id, ErrorKind.USAGE, "break needs force=true")
@@ -215,6 +263,7 @@ class Broker:
                 takeover=request.get("takeover", False),
                 floor=request.get("floor", 0),
                 unflushed=request.get("unflushed", 0),
+                dirty=request.get("dirty", False),
             )
             self.stats["grants"] += decision.kind == "granted" and decision.fields.get("mode") == "write"
             return _reply_for(req_id, decision)
@@ -229,6 +278,21 @@ class Broker:
             return protocol.reply_ok(
                 req_id, **table.leave_queue(request["project"], holder, now, wall).fields
             )
+        if op == Op.MARK:
+            decision = table.mark(
+                request["project"],
+                holder,
+                request["token"],
+                request["dirty"],
+                now,
+                wall,
+                unflushed=request.get("unflushed"),
+            )
+            if decision.kind == "lost":
+                return protocol.reply_error(
+                    req_id, ErrorKind.LOST, "this host no longer holds the writer lease", **decision.fields
+                )
+            return protocol.reply_ok(req_id, **decision.fields)
         return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"unknown operation {op!r}")
 
 
@@ -240,7 +304,14 @@ class _Authorized:
         self.keys = keys
 
     def callback(self, domain: str, key: bytes) -> bool:
-        allowed = key in self.keys.authorized()
+        # This runs in the ZAP thread: an exception would end that thread, and with it every
+        # handshake. Damaged key files are skipped by BrokerKeys; anything else refuses this
+        # one client and is logged.
+        try:
+            allowed = key in self.keys.authorized()
+        except Exception:
+            log.exception("could not check a client's key; refused it")
+            return False
         if not allowed:
             log.warning("refused a client with an unknown key %s", key.decode(errors="replace"))
         return allowed

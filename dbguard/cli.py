@@ -18,10 +18,17 @@ from typing import Any, TypeVar
 
 import click
 
-from cache import CacheError, UnsafeCacheLocation
+from cache import CacheError
 from dbguard import api, local_agent
-from dbguard.errors import BrokerUnavailable, ExitCode, GuardError, UsageError
-from dbguard.keys import authorize, broker_keys, init_broker, init_client
+from dbguard.errors import (
+    AgentAlreadyRunning,
+    BrokerUnavailable,
+    ExitCode,
+    GuardError,
+    UsageError,
+    from_cache_error,
+)
+from dbguard.keys import authorize, broker_keys, exposure_warning, init_broker, init_client
 from dbguard.lease_service import for_broker
 from dbguard.leases import Timing
 from dbguard.protocol import AgentOp, Op
@@ -63,15 +70,17 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except GuardError as exc:
-            click.echo(f"dbguard: {exc}", err=True)
-            sys.exit(int(exc.exit_code))
-        except CacheError as exc:  # the cache package knows nothing of exit codes
-            click.echo(f"dbguard: {exc}", err=True)
-            unsafe = isinstance(exc, UnsafeCacheLocation)
-            sys.exit(int(ExitCode.UNSAFE_CACHE if unsafe else ExitCode.INTEGRITY))
+            _fail(exc)
+        except CacheError as exc:  # the API translates these; a command that calls the cache directly
+            _fail(from_cache_error(exc))
         except KeyboardInterrupt:
             click.echo("dbguard: interrupted", err=True)
             sys.exit(130)
+
+
+def _fail(exc: GuardError) -> None:
+    click.echo(f"dbguard: {exc}", err=True)
+    sys.exit(int(exc.exit_code))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,7 +90,9 @@ def main() -> None:
 
     \b
     Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 held by another host,
-    4 broker or agent unreachable, 5 unsafe cache location, 6 integrity error.
+    4 broker or agent unreachable, 5 unsafe cache location, 6 integrity error,
+    7 the share or the cache disk refused (full, quota, read-only, permissions),
+    8 unflushed data remains on this host (nothing lost).
     """
 
 
@@ -110,9 +121,17 @@ def broker(
     _log_to_stderr()
     timing = Timing(settings.ttl, settings.lock_delay, settings.effective_grace)
     keys = broker_keys(settings.keys) if settings.keys is not None else None
-    broker_module.run(
-        _bind_address(settings.broker), settings.state, timing, keys=keys, ready_file=ready_file
-    )
+    address = _bind_address(settings.broker)
+    if keys is None:
+        _warn_if_exposed(address)
+    broker_module.run(address, settings.state, timing, keys=keys, ready_file=ready_file)
+
+
+def _warn_if_exposed(address: str) -> None:
+    """A broker without keys is fine on loopback; elsewhere, anyone on the network may use it."""
+    warning = exposure_warning(address)
+    if warning:
+        click.echo(f"dbguard: warning: {warning}", err=True)
 
 
 def _bind_address(address: str) -> str:
@@ -125,7 +144,7 @@ def _bind_address(address: str) -> str:
 @_common
 def agent(settings: Settings) -> None:
     """Run this host's agent in the foreground (commands start one on demand)."""
-    from dbguard.agent import Agent, AgentAlreadyRunning
+    from dbguard.agent import Agent
 
     _log_to_stderr()
     directory = local_agent.cache_dir(settings)
@@ -155,6 +174,8 @@ def up(settings: Settings, as_json: bool, use_etcd: bool) -> None:
         started, settings = _start_etcd(settings)
         what = "etcd"
     else:
+        if settings.keys is None and settings.broker.startswith("tcp://"):  # etcd has its own security
+            _warn_if_exposed(settings.broker)
         started, what = _start_broker(settings), "broker"
     client = local_agent.connect(settings)
     with client:
@@ -220,6 +241,7 @@ def _start_broker(settings: Settings) -> bool:
         process = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # not the current directory first on the import path (see local_agent.start)
                 "-m",
                 "dbguard",
                 "broker",
@@ -273,7 +295,7 @@ def down(settings: Settings, as_json: bool) -> None:
             stopped.append("etcd")
     pid_file = settings.state / "broker.pid"
     if pid_file.exists():
-        pid = int(pid_file.read_text().strip() or 0)
+        pid = _broker_pid(pid_file, settings.state)
         if pid and _terminate(pid):
             stopped.append("broker")
         pid_file.unlink(missing_ok=True)
@@ -282,6 +304,23 @@ def down(settings: Settings, as_json: bool) -> None:
         {"stopped": stopped},
         "stopped " + (", ".join(stopped) if stopped else "nothing (nothing was running)"),
     )
+
+
+def _broker_pid(pid_file: Path, state: Path) -> int | None:
+    """The pid of the broker `up` started on ``state``, if it still runs. Pid files outlive their
+    processes and pids are reused (a reboot, a damaged file): a pid counts only while it runs a
+    broker on this state directory, so `down` never signals another process."""
+    import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
+
+    try:
+        text = pid_file.read_text(errors="replace").strip()
+        if not text.isascii() or not text.isdigit():
+            return None
+        process = psutil.Process(int(text))
+        argv = process.cmdline()
+    except (OSError, ValueError, psutil.Error):
+        return None
+    return int(process.pid) if "broker" in argv and str(state) in argv else None
 
 
 def _terminate(pid: int, timeout: float = 10.0) -> bool:
@@ -308,6 +347,8 @@ def _terminate(pid: int, timeout: float = 10.0) -> bool:
 def init(project: Path, as_json: bool) -> None:
     """Make PROJECT (default: the current directory) a dbguard project."""
     result = api.init(project)
+    if result.recovered:
+        click.echo(f"dbguard: {result.recovered}", err=True)
     _emit(as_json, {"id": result.id, "path": str(result.path)}, f"project {result.path} has id {result.id}")
 
 
@@ -329,6 +370,8 @@ def acquire(
             click.echo(f"waiting: position {reply['position']} in the queue", err=True)
 
     lease = api.acquire(project, wait=wait, takeover=takeover, settings=settings, on_queued=queued)
+    if lease.get("identity"):  # project.json was lost and written again from the project store
+        click.echo(f"dbguard: {lease['identity']}", err=True)
     _emit(as_json, lease, f"acquired {lease['path']} (token {lease['token']}, ttl {lease['ttl']:.0f}s)")
 
 
@@ -375,9 +418,12 @@ def _status_text(result: dict[str, Any]) -> str:
                 f"token {writer['token']}, ttl left {writer['ttl_left']:.1f}s, unflushed {unflushed}"
             )
             if item["state"] == "orphaned":
+                # The lease service knows what the host last reported, and that it was dirty;
+                # records written after that report are stranded too.
+                size = f"at least {unflushed}" if writer["unflushed"] else "an unknown amount of data"
                 lines.append(
-                    f"  stranded {unflushed} may be unflushed on {writer['host']}; wait for that host to "
-                    "return, or run `dbguard break PROJECT --force`"
+                    f"  stranded {size} unflushed on {writer['host']}; wait for that host "
+                    "to return, or run `dbguard break PROJECT --force`"
                 )
         readers = ", ".join(f"{r['user']} on {r['host']}" for r in item.get("readers", [])) or "none"
         queue = (
@@ -401,6 +447,11 @@ def _status_text(result: dict[str, Any]) -> str:
             lines.append(f"notice {_when(notice['at'])} {notice['text']}")
     if not result["projects"]:
         lines.append("the broker knows no projects yet")
+    if result.get("authenticated") is False and result.get("exposed"):
+        lines.append(
+            f"warning: the broker {result['broker']} is unauthenticated and reachable from the network: "
+            "anyone who can reach it can take or break leases; set up keys (`dbguard keys --help`)"
+        )
     return "\n".join(lines)
 
 
@@ -545,20 +596,37 @@ def clear(settings: Settings, project: Path | None, every: bool, force: bool, as
     for target in targets:
         with _progress(as_json, "flushing") as progress:
             results.append(api.clear(target, force=force, settings=settings, progress=progress))
-    lines = []
-    for done in results:
-        flushed = done["flushed"]
-        released = done["released"]
-        lines.append(
-            f"cleared {done['path']}: flushed {flushed['records']} records, verified {done['verified']}, "
-            f"dropped {_size(done['dropped_bytes'])} of cache, "
-            + (
-                f"released token {released['token']}"
-                if released and released.get("released")
-                else "no lease to release"
-            )
+    _emit(
+        as_json,
+        results if every else results[0],
+        "\n".join(map(_cleared_text, results)) or "nothing to clear",
+    )
+
+
+def _cleared_text(done: dict[str, Any]) -> str:
+    flushed, released, read_back = done["flushed"], done["released"], done["read_back"]
+    parts = []
+    if done.get("agent_restarted"):
+        parts.append("restarted this host's agent, which had died")
+    parts.append(f"flushed {flushed['records']} records")
+    checked = f"verified {done['verified']} against the share"
+    if read_back["bytes"]:
+        checked += f" (read back {_size(read_back['bytes'])} past the client cache, {read_back['method']})"
+    parts.append(checked)
+    reflushed = done.get("reflushed")
+    if reflushed:
+        parts.append(
+            f"re-flushed {reflushed['records']} damaged record{'s' if reflushed['records'] != 1 else ''} "
+            f"from this host's cache as generation {reflushed['generation']} "
+            f"({'; '.join(reflushed['damaged'])})"
         )
-    _emit(as_json, results if every else results[0], "\n".join(lines) or "nothing to clear")
+    parts.append(f"dropped {_size(done['dropped_bytes'])} of cache")
+    parts.append(
+        f"released token {released['token']}"
+        if released and released.get("released")
+        else "no lease to release"
+    )
+    return f"cleared {done['path']}: " + ", ".join(parts)
 
 
 @main.command()
@@ -622,7 +690,13 @@ def verify(project: Path, as_json: bool) -> None:
     _emit(
         as_json,
         result,
-        f"ok: generation {result['generation']}, {result['records']} records, all checksums match",
+        f"ok: generation {result['generation']}, {result['records']} records, all checksums match"
+        + (
+            f" ({len(result['superseded'])} damaged copies of records that later flushes replaced are "
+            "left for compaction to drop)"
+            if result["superseded"]
+            else ""
+        ),
     )
 
 

@@ -17,16 +17,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from dbguard import protocol
-from dbguard.errors import (
-    BrokerUnavailable,
-    GuardError,
-    IntegrityError,
-    LeaseHeld,
-    UnsafeCachePath,
-    UsageError,
-)
+from dbguard.errors import BrokerUnavailable, GuardError, UsageError, from_reply
 from dbguard.keys import ClientKeys
-from dbguard.protocol import ErrorKind
 
 _ENVELOPE = frozenset({"v", "id", "ok"})
 _HANDSHAKE_FAILURES = (
@@ -74,7 +66,16 @@ class Client:
                 # A refused CURVE handshake is silent on the socket itself: watch for it, so
                 # the user hears "your key was refused", not "no answer".
                 self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILURES)
-            sock.connect(self.address)
+            try:
+                sock.connect(self.address)
+            except zmq.ZMQError as exc:  # settings check the form; ZeroMQ refuses what it cannot reach
+                sock.close(linger=0)
+                raise UsageError(
+                    f"cannot connect to the {self.what} at {self.address!r} ({exc.strerror}); set "
+                    "DBGUARD_BROKER to tcp://host:port, with the host the broker runs on"
+                    if self.what == "broker"
+                    else f"cannot connect to the {self.what} at {self.address!r} ({exc.strerror})"
+                ) from None
             self._socket = sock
         return self._socket
 
@@ -181,17 +182,7 @@ class Client:
 
 
 def error_from_reply(reply: dict[str, Any], address: str = "") -> GuardError:
-    """The typed error for a failed reply; messages from the server are shown as they are."""
-    kind = reply.get("error")
-    message = str(reply.get("message") or "request failed")
-    if kind == ErrorKind.HELD:
-        return LeaseHeld(message, holder=reply.get("holder") or {})
-    if kind in (ErrorKind.GRACE, ErrorKind.UNAVAILABLE):
-        return BrokerUnavailable(message, address=address)
-    if kind == ErrorKind.UNSAFE_CACHE:
-        return UnsafeCachePath(message, path=str(reply.get("path", "")), fstype=str(reply.get("fstype", "")))
-    if kind == ErrorKind.INTEGRITY:
-        return IntegrityError(message, path=str(reply.get("path", "")))
-    if kind in (ErrorKind.USAGE, ErrorKind.BAD_REQUEST, ErrorKind.VERSION):
-        return UsageError(message)
-    return GuardError(message)
+    """The typed error for a failed reply (see dbguard.errors: each class says how it travels);
+    messages from the server are shown as they are. ``address`` is the server's, for errors
+    that carry one and a reply that did not say."""
+    return from_reply(reply, address=address)

@@ -13,8 +13,9 @@ etcd is the authority, and every rule is a transaction that compares what the cl
   e.g. after the etcd data was lost), so tokens strictly increase without a counter to race on.
 - ``p/<project>/alive`` is bound to the holder agent's etcd lease, which its heartbeats keep
   alive. While it exists the lease is held; when etcd expires it (TTL without heartbeats), the
-  durable writer record stays: the project is *orphaned* if its last heartbeat reported
-  unflushed data, else in *lock-delay*, timed by etcd with ``p/<project>/delay``, a key bound to
+  durable writer record stays: the project is *orphaned* if the holder marked itself dirty
+  (``dirty``, set before its first unflushed write is acknowledged) or its last heartbeat
+  reported unflushed data, else in *lock-delay*, timed by etcd with ``p/<project>/delay``, a key bound to
   a lease of the lock-delay, after which the project is free.
 - ``p/<project>/queue/<holder>`` are waiters, each bound to an etcd lease of one TTL that the
   waiter's polls renew, served in create-revision order with takeover requests first.
@@ -46,6 +47,7 @@ from dbguard.client import error_from_reply  # the broker client's mapping of er
 from dbguard.errors import BrokerUnavailable, GuardError, UsageError
 from dbguard.leases import Holder, LeaseState
 from dbguard.protocol import ErrorKind, Op, ProtocolError
+from dbguard.settings import check_seconds
 
 DEFAULT_PREFIX = "dbguard"
 _ENVELOPE = frozenset({"v", "id", "ok"})
@@ -312,13 +314,18 @@ class _View:
         return Holder.from_json(self.writer.value["holder"]) if self.writer else None
 
     @property
+    def holds_data(self) -> bool:
+        """Whether the writer may hold acknowledged unflushed data (see `leases.WriterLease`)."""
+        return self.writer is not None and _holds_data(self.writer.value)
+
+    @property
     def state(self) -> LeaseState:
         writer = self.writer
         if writer is None:
             return LeaseState.FREE
         if self.alive is not None:
             return LeaseState.HELD
-        if int(writer.value.get("unflushed", 0)) > 0:
+        if self.holds_data:
             return LeaseState.ORPHANED
         if writer.value.get("expired") and self.delay is None:
             return LeaseState.FREE  # the lock-delay is over; the record goes with the next grant
@@ -332,7 +339,7 @@ class _View:
             writer is not None
             and self.alive is None
             and not writer.value.get("expired")
-            and int(writer.value.get("unflushed", 0)) == 0
+            and not self.holds_data
         )
 
 
@@ -435,6 +442,8 @@ class EtcdLeases:
         if op == Op.LEAVE_QUEUE:
             self._leave_queue(request["project"], holder)
             return protocol.reply_ok(req_id)
+        if op == Op.MARK:
+            return self._mark(req_id, request, holder)
         return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"unknown operation {op!r}")
 
     # --------------------------------------------------------------- timing
@@ -454,10 +463,31 @@ class EtcdLeases:
             if not reply.get("succeeded"):
                 kvs = reply["responses"][0]["response_range"].get("kvs", [])
                 if kvs:
-                    stored = json.loads(_unb64(kvs[0]["value"]))
-                    ttl, lock_delay = float(stored["ttl"]), float(stored["lock_delay"])
+                    ttl, lock_delay = self._stored_timing(key, kvs[0].get("value", ""))
             self._timing = (ttl, lock_delay)
         return self._timing
+
+    def _stored_timing(self, key: str, value: str) -> tuple[float, float]:
+        """The site's timing as stored in etcd, which anyone who may write the prefix can change:
+        checked as the settings are, so that a TTL of nan or a missing field is an error that
+        says how to fix it, not a crash or a lease that never expires."""
+        origin = f"the site's timing in etcd (key {key!r} at {self.address})"
+        fix = (
+            "; store good values with `dbguard up --etcd` (or delete the key to let the next host "
+            "store its own)"
+        )
+        try:
+            stored = json.loads(_unb64(value))
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+            return (
+                check_seconds("ttl", stored.get("ttl"), origin),
+                check_seconds("lock_delay", stored.get("lock_delay"), origin),
+            )
+        except UsageError as exc:
+            raise UsageError(f"{exc}{fix}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{origin} is not readable ({exc}){fix}") from None
 
     def _lease_ttl(self) -> int:
         # etcd counts lease TTLs in whole seconds.
@@ -556,20 +586,21 @@ class EtcdLeases:
             return protocol.reply_ok(req_id, status="granted", mode="read", ttl=float(self._lease_ttl()))
         wait, takeover = request.get("wait", False), request.get("takeover", False)
         floor, unflushed = request.get("floor", 0), request.get("unflushed", 0)
+        dirty = bool(request.get("dirty", False))  # see `leases.LeaseTable.acquire`
         for _ in range(_RACE_RETRIES):
             view = self._observe(self._read(project))
             state, current = view.state, view.holder
             if current is not None and current.key == holder.key and state is not LeaseState.FREE:
                 # The same user, host and cache again: a retry, a restarted agent, or the holder
                 # of an orphaned lease coming back. Nobody was granted since: the token stands.
-                if self._resume(view, holder, unflushed):
+                if self._resume(view, holder, unflushed, dirty=dirty):
                     return self._granted(req_id, self._read(project))
                 continue
             if state is LeaseState.FREE and (not view.queue or view.queue[0].holder.key == holder.key):
                 if view.writer is not None:
                     self._retire(view, "expired")  # the lock-delay ended: clear it, then grant
                     continue
-                granted = self._grant(view, holder, floor, unflushed)
+                granted = self._grant(view, holder, floor, unflushed, dirty)
                 if granted is not None:
                     return protocol.reply_ok(req_id, **granted)
                 continue
@@ -588,7 +619,9 @@ class EtcdLeases:
             req_id, ErrorKind.UNAVAILABLE, "etcd kept changing under this request; retry"
         )
 
-    def _grant(self, view: _View, holder: Holder, floor: int, unflushed: int) -> dict[str, Any] | None:
+    def _grant(
+        self, view: _View, holder: Holder, floor: int, unflushed: int, dirty: bool
+    ) -> dict[str, Any] | None:
         """The granted lease's reply fields, or None if the project changed since ``view``."""
         keys = self._keys(view)
         session, ttl = self._session(holder)
@@ -604,7 +637,13 @@ class EtcdLeases:
             _unchanged(keys["meta"], view.meta.mod_revision) if view.meta else _absent(keys["meta"])
         )
         since = time.time()
-        record = {"holder": holder.to_json(), "since": since, "unflushed": unflushed, "takeover_by": None}
+        record = {
+            "holder": holder.to_json(),
+            "since": since,
+            "unflushed": unflushed,
+            "dirty": dirty,
+            "takeover_by": None,
+        }
         success = [
             _put(keys["writer"], record),
             _put(keys["alive"], {"holder": holder.key}, lease=session),
@@ -631,8 +670,9 @@ class EtcdLeases:
             "takeover_by": takeover_by,
         }
 
-    def _resume(self, view: _View, holder: Holder, unflushed: int) -> bool:
-        """Renew the holder's lease in etcd if anything changed; False if the record moved."""
+    def _resume(self, view: _View, holder: Holder, unflushed: int, *, dirty: bool = False) -> bool:
+        """Renew the holder's lease in etcd if anything changed; False if the record moved.
+        ``dirty`` only ever sets the writer's dirty mark (an acquire of an announced cache)."""
         assert view.writer is not None
         session, _ = self._session(holder)
         record = view.writer.value
@@ -641,10 +681,17 @@ class EtcdLeases:
             and view.alive.lease == session
             and int(record.get("unflushed", 0)) == unflushed
             and Holder.from_json(record["holder"]) == holder
+            and (bool(record.get("dirty")) or not dirty)
         ):
             return True
         keys = self._keys(view)
-        fresh = {**record, "holder": holder.to_json(), "unflushed": unflushed, "expired": False}
+        fresh = {
+            **record,
+            "holder": holder.to_json(),
+            "unflushed": unflushed,
+            "dirty": bool(record.get("dirty")) or dirty,
+            "expired": False,
+        }
         fresh.pop("lapsed_at", None)
         reply = self.transport.txn(
             [_unchanged(keys["writer"], view.writer.mod_revision)],
@@ -733,6 +780,7 @@ class EtcdLeases:
                 "since": float(record["since"]),
                 "token": view.token,
                 "unflushed": int(record.get("unflushed", 0)),
+                "dirty": view.holds_data,
             }
         if view.state is LeaseState.LOCK_DELAY:
             fields["retry_after"] = self._delay_left(view)
@@ -778,6 +826,47 @@ class EtcdLeases:
                 results.append({"project": project, "ok": False, "reason": "contended", "at": None})
         return results
 
+    def _mark(self, req_id: str, request: dict[str, Any], holder: Holder) -> dict[str, Any]:
+        """The holder marks its lease dirty (before its first unflushed write is acknowledged)
+        or clean (a flush emptied its cache); see `leases.LeaseTable.mark`. The writer record
+        is durable in etcd once the transaction is answered."""
+        project, token, dirty = request["project"], int(request["token"]), bool(request["dirty"])
+        unflushed = request.get("unflushed")
+        self._renew_session(holder)
+        for _ in range(_RACE_RETRIES):
+            view = self._read(project)
+            current = view.holder
+            if (
+                current is None
+                or current.key != holder.key
+                or view.token != token
+                or view.state is LeaseState.FREE
+            ):
+                return protocol.reply_error(
+                    req_id,
+                    ErrorKind.LOST,
+                    "this host no longer holds the writer lease",
+                    **self._loss_for(view, holder, token),
+                )
+            assert view.writer is not None
+            record = view.writer.value
+            bytes_now = 0 if not dirty else max(int(record.get("unflushed", 0)), int(unflushed or 0))
+            if not self._resume(view, holder, int(record.get("unflushed", 0))):
+                continue
+            view = self._read(project)
+            if view.writer is None or view.token != token:
+                continue
+            keys = self._keys(view)
+            fresh = {**view.writer.value, "dirty": dirty, "unflushed": bytes_now}
+            reply = self.transport.txn(
+                [_unchanged(keys["writer"], view.writer.mod_revision)], [_put(keys["writer"], fresh)]
+            )
+            if reply.get("succeeded"):
+                return protocol.reply_ok(req_id, dirty=_holds_data(fresh), ttl=float(self._lease_ttl()))
+        return protocol.reply_error(
+            req_id, ErrorKind.UNAVAILABLE, "etcd kept changing under this request; retry"
+        )
+
     def _loss_for(self, view: _View, holder: Holder, token: int) -> dict[str, Any]:
         loss = view.loss.value if view.loss else None
         if loss is not None and loss.get("holder") == holder.key and int(loss.get("token", -1)) == token:
@@ -790,14 +879,18 @@ class EtcdLeases:
 
     def _release(self, project: str, holder: Holder, token: int | None, mode: str) -> dict[str, Any]:
         base = self._project_prefix(project)
+        # Each transaction is a write to every member's log, even one that deletes nothing: a
+        # release of what is not there (a retry, a stray or malformed request) writes nothing.
         if mode == "read":
-            self.transport.txn([], [_delete(base + "readers/" + holder.key)])
+            if holder.key in self._read(project).readers:
+                self.transport.txn([], [_delete(base + "readers/" + holder.key)])
             return {}
         for _ in range(_RACE_RETRIES):
             view = self._read(project)
             current = view.holder
             if current is None or current.key != holder.key or (token is not None and view.token != token):
-                self.transport.txn([], [_delete(base + "queue/" + holder.key)])
+                if any(w.holder.key == holder.key for w in view.queue):
+                    self.transport.txn([], [_delete(base + "queue/" + holder.key)])
                 return {"held": False}
             mine = view.token
             if self._retire(view, "released"):
@@ -806,6 +899,10 @@ class EtcdLeases:
 
     def _leave_queue(self, project: str, holder: Holder) -> None:
         view = self._read(project)
+        waiting = any(w.holder.key == holder.key for w in view.queue)
+        asked = view.writer is not None and view.writer.value.get("takeover_by") == holder.key
+        if not waiting and not asked:  # nothing to leave: write nothing (see _release)
+            return
         base = self._project_prefix(project)
         success = [_delete(base + "queue/" + holder.key)]
         compare = []
@@ -826,6 +923,7 @@ class EtcdLeases:
                 "token": view.token,
                 "state": str(view.state),
                 "unflushed": int(record.get("unflushed", 0)),
+                "dirty": view.holds_data,
             }
             if self._retire(view, "broken"):
                 return stranded
@@ -865,6 +963,7 @@ class EtcdLeases:
                 "token": view.token,
                 "ttl_left": ttl_left,
                 "unflushed": int(record.get("unflushed", 0)),
+                "dirty": view.holds_data,
                 "takeover_by": record.get("takeover_by"),
             }
         return protocol.project_status(
@@ -880,6 +979,10 @@ class EtcdLeases:
             last_loss=dict(view.loss.value) if view.loss else None,
             grace_left=0.0,
         )
+
+
+def _holds_data(record: dict[str, Any]) -> bool:
+    return bool(record.get("dirty")) or int(record.get("unflushed", 0)) > 0
 
 
 def configure(address: str, *, ttl: float, lock_delay: float, timeout: float = 5.0) -> None:

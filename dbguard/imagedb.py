@@ -16,31 +16,43 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import operator
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cache import CacheCorrupt, CacheError, CacheStore, Reader
+from cache import CacheError, CacheStore, Reader
 from dbguard import local_agent
 from dbguard import project as projects
-from dbguard.errors import GuardError, IntegrityError, LeaseHeld, LeaseLost, UsageError
-from dbguard.flushing import LOCKS
+from dbguard.errors import (
+    LeaseHeld,
+    LeaseLost,
+    UsageError,
+    cache_access,
+    cache_errors_translated,
+    from_cache_error,
+)
+from dbguard.flushing import LOCKS, write_announced
+from dbguard.names import DATABASE_NAME_RULE, child, is_database_name
 from dbguard.project_store import ProjectStore
+from dbguard.protocol import AgentOp
 from dbguard.settings import Settings, load
 from dbguard.store_view import StoreView
 from dbguard.writer_guard import WriterGuard
 
 MODES = ("r", "a", "w")
 
+_T = TypeVar("_T")
+
 
 def writers_lock_path(cache_root: Path, project_id: str) -> Path:
     """Held shared by every process that has the project open for writing (see `clear`)."""
-    return cache_root / LOCKS / f"{project_id}.writers"
+    return child(cache_root / LOCKS, project_id, ".writers")
 
 
 def open(  # the documented API name, `dbguard.open`, shadows the builtin here only
@@ -49,8 +61,8 @@ def open(  # the documented API name, `dbguard.open`, shadows the builtin here o
     """Open image database ``name`` of ``project`` (see the module docstring for modes)."""
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(repr(m) for m in MODES)}")
-    if not name or "\x00" in name or len(name) > 200:
-        raise UsageError(f"database name {name!r} must be 1 to 200 characters with no NUL")
+    if not is_database_name(name):
+        raise UsageError(f"database name {name!r} must be {DATABASE_NAME_RULE}")
     return ImageDB(projects.open_project(project), name, mode, settings or load())
 
 
@@ -59,6 +71,7 @@ class ImageDB:
         self.project = project
         self.name = name
         self.mode = mode
+        self._settings = settings
         self._cache_root = local_agent.cache_dir(settings)
         self._view = StoreView(ProjectStore(project.path, project.id), self._cache_root)
         self._guard = WriterGuard(self._cache_root, project)
@@ -66,7 +79,7 @@ class ImageDB:
         self._writers_fd: int | None = None
         if mode != "r":
             self._guard.check()
-            self._open_cache()
+            self._open_cache(gated=True)
             self._writers_fd = self._hold_writers_lock()
             assert self._cache is not None
             self._cache.raise_count(name, self._view.count(name))
@@ -76,23 +89,23 @@ class ImageDB:
                 self._guard.check()
                 self._open_cache()  # this host writes the project: show its unflushed records
 
-    def _open_cache(self) -> None:
+    def _open_cache(self, *, gated: bool = False) -> None:
         try:
-            self._cache = CacheStore(self._cache_root, self.project.id)
-        except CacheCorrupt as exc:
-            raise IntegrityError(str(exc), path=exc.path) from exc
-        except CacheError as exc:
-            raise GuardError(str(exc)) from exc
+            self._cache = CacheStore(self._cache_root, self.project.id, require_announced=gated)
+        except CacheError as exc:  # damaged (IntegrityError), a full disk (CacheDiskFull), ...
+            raise from_cache_error(exc) from exc
 
     def _hold_writers_lock(self) -> int:
         path = writers_lock_path(self._cache_root, self.project.id)
-        path.parent.mkdir(exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        with cache_access(self._cache_root):
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)
         return fd
 
     # ------------------------------------------------------------- reading
 
+    @cache_errors_translated
     def __len__(self) -> int:
         count = self._view.count(self.name)
         if self._cache is not None:
@@ -100,12 +113,14 @@ class ImageDB:
         return count
 
     def _position(self, index: int) -> int:
+        index = _index(index)
         size = len(self)
         position = index + size if index < 0 else index
         if not 0 <= position < size:
             raise IndexError(f"record {index} is out of range for {self.name!r} ({size} records)")
         return position
 
+    @cache_errors_translated
     def __getitem__(self, index: int) -> NDArray[Any]:
         position = self._position(index)
         if self._cache is not None:
@@ -116,6 +131,7 @@ class ImageDB:
             raise IndexError(f"record {position} of {self.name!r} was never written")
         return self._view.array(entry)
 
+    @cache_errors_translated
     def attrs(self, index: int) -> dict[str, Any]:
         position = self._position(index)
         if self._cache is not None:
@@ -155,24 +171,48 @@ class ImageDB:
         self._guard.check()
         return self._cache
 
+    def _write(self, write: Callable[[CacheStore], _T], size: int) -> _T:
+        """Run one write on the cache. The first write that would make a clean project dirty
+        is refused by the cache until this host's agent has marked the lease dirty at the
+        lease service (invariant 7: a host that dies right after this write returns leaves
+        the project orphaned, never silently free). One round trip per clean-to-dirty
+        transition, none per record."""
+        cache = self._writable()
+        try:
+            return write_announced(lambda: write(cache), self._announce, size)
+        except CacheError as exc:  # a full disk, a damaged environment: the API raises GuardErrors
+            raise from_cache_error(exc) from exc
+
+    def _announce(self, size: int) -> None:
+        lease = self._guard.check()
+        # Starting the agent if it died: it reclaims this host's leases before answering.
+        with local_agent.connect(self._settings) as agent:
+            agent.call_ok(
+                AgentOp.MARK_DIRTY, project=self.project.id, token=int(lease["token"]), unflushed=size
+            )
+
     def append(self, array: NDArray[Any], attrs: dict[str, Any] | None = None) -> int:
         """Add a record after the last one; returns its index."""
-        return self._writable().append(self.name, _checked(array), _encode_attrs(attrs))
+        array, encoded = _checked(array), _encode_attrs(attrs)
+        return self._write(lambda cache: cache.append(self.name, array, encoded), array.nbytes)
 
     def __setitem__(self, index: int, array: NDArray[Any]) -> None:
+        index = _index(index)
         position = index + len(self) if index < 0 else index
         if position < 0:
             raise IndexError(f"record {index} is out of range for {self.name!r}")
-        cache = self._writable()
+        self._writable()
         keep = b""
         with contextlib.suppress(KeyError, IndexError):
             keep = _encode_attrs(self.attrs(position))
-        cache.put(self.name, position, _checked(array), keep)
+        array = _checked(array)
+        self._write(lambda cache: cache.put(self.name, position, array, keep), array.nbytes)
 
     def set_attrs(self, index: int, attrs: dict[str, Any]) -> None:
         position = self._position(index)
-        cache = self._writable()
-        cache.put(self.name, position, np.ascontiguousarray(self[position]), _encode_attrs(attrs))
+        self._writable()
+        array, encoded = np.ascontiguousarray(self[position]), _encode_attrs(attrs)
+        self._write(lambda cache: cache.put(self.name, position, array, encoded), array.nbytes)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -219,6 +259,16 @@ class _Snapshot:
             except KeyError:
                 pass
         return self._db[position]
+
+
+def _index(index: Any) -> int:
+    """A record index as an int (numpy integers too); a slice or a name is a usage error."""
+    if isinstance(index, bool):
+        raise UsageError(f"a record index is an integer, not {index!r}")
+    try:
+        return operator.index(index)
+    except TypeError:
+        raise UsageError(f"a record index is an integer, not {type(index).__name__} {index!r}") from None
 
 
 def _checked(array: NDArray[Any]) -> NDArray[Any]:

@@ -17,7 +17,9 @@ from typing import Any
 
 import lmdb
 
+from cache.lmdb_file import missing_pages
 from dbguard.errors import GuardError, IntegrityError
+from dbguard.leases import worth_keeping
 
 # LMDB errors that mean the environment on disk is damaged or not an LMDB file at all.
 _DAMAGE = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.PageNotFoundError)
@@ -59,12 +61,12 @@ class LmdbLeaseStore(LeaseStore):
             ) from exc
         self._lock_fd = self._lock_exclusively()
         try:
+            self._check_complete()
             # Commits are not synced by themselves: `save(sync=True)` forces one fdatasync for a
             # whole batch of grants (group commit), and other changes ride along with it.
             self._env = lmdb.open(
                 str(self.path / "leases"), map_size=self.MAP_SIZE, max_dbs=4, sync=False, metasync=False
             )
-            self._check_complete()
             self._projects = self._env.open_db(b"projects")
             self._meta = self._env.open_db(b"meta")
             self._identity = self._ensure_identity()
@@ -79,11 +81,12 @@ class LmdbLeaseStore(LeaseStore):
 
     def _check_complete(self) -> None:
         # A data.mdb cut short (a copy or restore that stopped early) keeps meta pages that point
-        # past its end. LMDB would read there through its map and die of SIGBUS, with no message.
-        needed = (int(self._env.info()["last_pgno"]) + 1) * int(self._env.stat()["psize"])
-        size = (self.path / "leases" / "data.mdb").stat().st_size
-        if size < needed:
-            raise lmdb.CorruptedError(f"data.mdb is truncated: {size} bytes, its pages reach {needed}")
+        # past its end. LMDB would read there through its map and die of SIGBUS, with no message:
+        # checked before LMDB maps it. Not by the last page number alone: a healthy file may be
+        # shorter than that when its last pages are free (see cache.lmdb_file).
+        truncated = missing_pages(self.path / "leases")
+        if truncated is not None:
+            raise lmdb.CorruptedError(truncated)
 
     def _lock_exclusively(self) -> int:
         # Two brokers on one state directory would each issue tokens from the same counter.
@@ -136,7 +139,11 @@ class LmdbLeaseStore(LeaseStore):
         if records:
             with self._env.begin(write=True, db=self._projects) as txn:
                 for record in records:
-                    txn.put(record["project"].encode(), json.dumps(record, separators=(",", ":")).encode())
+                    key = record["project"].encode()
+                    if worth_keeping(record):
+                        txn.put(key, json.dumps(record, separators=(",", ":")).encode())
+                    else:  # a project never granted: nothing to store (and no old record to keep)
+                        txn.delete(key)
         if sync:
             self._env.sync(True)
 

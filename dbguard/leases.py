@@ -88,8 +88,17 @@ class WriterLease:
     token: int
     since: float  # wall clock, for people
     expires: float  # monotonic deadline
-    unflushed: int = 0
+    unflushed: int = 0  # bytes, as the last heartbeat or mark reported them
+    # Set by the holder's agent before the first unflushed write after a clean state is
+    # acknowledged, cleared only when a flush has emptied its cache. Heartbeats never clear it:
+    # one computed before a write and answered after it would otherwise hide that write.
+    dirty: bool = False
     takeover_by: str | None = None  # holder key of whoever asked for a takeover
+
+    @property
+    def holds_data(self) -> bool:
+        """Whether the holder may hold acknowledged unflushed data: its expiry orphans."""
+        return self.dirty or self.unflushed > 0
 
 
 @dataclass(slots=True)
@@ -133,6 +142,7 @@ class ProjectLeases:
                 "token": self.writer.token,
                 "since": self.writer.since,
                 "unflushed": self.writer.unflushed,
+                "dirty": self.writer.dirty,
             }
         loss = None
         if self.loss is not None:
@@ -144,6 +154,13 @@ class ProjectLeases:
             "writer": writer,
             "loss": loss,
         }
+
+
+def worth_keeping(record: dict[str, Any]) -> bool:
+    """Whether a durable record says anything: a project that was granted at least once (its
+    last token is a fencing floor), or one with a writer or a loss to report. Anything else came
+    from requests for projects never granted, and is neither stored nor loaded."""
+    return bool(record.get("last_token")) or bool(record.get("writer")) or bool(record.get("loss"))
 
 
 @dataclass(frozen=True)
@@ -179,6 +196,8 @@ class LeaseTable:
         """
         self.grace_until = now + self.timing.grace
         for record in records:
+            if not worth_keeping(record):
+                continue
             entry = ProjectLeases(project=record["project"], last_token=int(record["last_token"]))
             entry.state = LeaseState(record["state"])
             if record.get("writer"):
@@ -189,6 +208,7 @@ class LeaseTable:
                     since=float(w["since"]),
                     expires=self.grace_until,
                     unflushed=int(w.get("unflushed", 0)),
+                    dirty=bool(w.get("dirty", False)),
                 )
             if entry.state is LeaseState.LOCK_DELAY:
                 # The lease expired before the restart, at a time the record does not keep; the
@@ -215,7 +235,12 @@ class LeaseTable:
         takeover: bool = False,
         floor: int = 0,
         unflushed: int = 0,
+        dirty: bool = False,
     ) -> Decision:
+        """``dirty``: the holder's cache is announced dirty (see `mark`), so the lease is dirty
+        from the grant on, whatever heartbeats report, until the holder marks it clean. A
+        heartbeat of an empty but announced cache reports 0 bytes, and the next write then
+        goes through the announced cache without asking: the lease must already be dirty."""
         entry = self._touch(project, now, wall)
         if mode == "read":
             entry.readers[holder.key] = (holder, now + self.timing.ttl)
@@ -227,9 +252,9 @@ class LeaseTable:
             # lease, or the holder of an orphaned lease coming back. Nobody else was granted in
             # between, so the old token is still the newest and the lease simply resumes.
             assert writer is not None
-            return self._resume(entry, writer, holder, now, unflushed)
+            return self._resume(entry, writer, holder, now, unflushed, dirty=dirty)
         if entry.state is LeaseState.FREE and not self.in_grace(now) and self._may_take(entry, holder):
-            return self._grant(entry, holder, now, wall, floor, unflushed)
+            return self._grant(entry, holder, now, wall, floor, unflushed, dirty)
         if (
             takeover
             and entry.state is LeaseState.HELD
@@ -243,6 +268,7 @@ class LeaseTable:
             self._enqueue(entry, holder, now)
             return self._queued(entry, holder, now)
         if entry.state is LeaseState.FREE and self.in_grace(now):
+            self._forget_if_empty(entry)
             return Decision("grace", {"retry_after": self.grace_until - now})
         return Decision("held", self._refusal(entry, now))
 
@@ -253,7 +279,10 @@ class LeaseTable:
         results = []
         for item in items:
             project, token, unflushed = item["project"], int(item["token"]), int(item["unflushed"])
-            entry = self._touch(project, now, wall)
+            entry = self._touch(project, now, wall, create=False)
+            if entry is None:  # never granted here: nothing to renew, nothing to remember
+                results.append({"project": project, "ok": False, **self._loss_for(None, holder, token)})
+                continue
             writer = entry.writer
             if (
                 writer is not None
@@ -276,6 +305,7 @@ class LeaseTable:
                 results.append({"project": project, "ok": True, "ttl": self.timing.ttl, "takeover_by": None})
                 continue
             results.append({"project": project, "ok": False, **self._loss_for(entry, holder, token)})
+            self._forget_if_empty(entry)
         return results
 
     def release(
@@ -283,13 +313,17 @@ class LeaseTable:
     ) -> Decision:
         """Give up a lease. Releasing what one no longer holds is not an error: a retry after a
         lost reply, or a release after the lease was broken, must not fail the caller."""
-        entry = self._touch(project, now, wall)
+        entry = self._touch(project, now, wall, create=False)
+        if entry is None:  # never granted here: nothing to release, nothing to remember
+            return Decision("released", {} if mode == "read" else {"held": False})
         if mode == "read":
             entry.readers.pop(holder.key, None)
+            self._forget_if_empty(entry)
             return Decision("released", {})
         writer = entry.writer
         if writer is None or writer.holder.key != holder.key or (token is not None and writer.token != token):
             self._dequeue(entry, holder.key)
+            self._forget_if_empty(entry)
             return Decision("released", {"held": False})
         entry.writer = None
         entry.state = LeaseState.FREE
@@ -297,17 +331,20 @@ class LeaseTable:
         return Decision("released", {"held": True, "token": writer.token})
 
     def leave_queue(self, project: str, holder: Holder, now: float, wall: float) -> Decision:
-        entry = self._touch(project, now, wall)
+        entry = self._touch(project, now, wall, create=False)
+        if entry is None:
+            return Decision("ok", {})
         self._dequeue(entry, holder.key)
         if entry.writer is not None and entry.writer.takeover_by == holder.key:
             entry.writer.takeover_by = None
+        self._forget_if_empty(entry)
         return Decision("ok", {})
 
     def break_lease(self, project: str, now: float, wall: float) -> Decision:
         """An operator frees the project whatever its state; reports what may be stranded."""
-        entry = self._touch(project, now, wall)
-        writer = entry.writer
-        if writer is None or entry.state is LeaseState.FREE:
+        entry = self._touch(project, now, wall, create=False)
+        writer = entry.writer if entry is not None else None
+        if entry is None or writer is None or entry.state is LeaseState.FREE:
             return Decision("ok", {"broken": None})
         stranded = {
             "host": writer.holder.host,
@@ -315,6 +352,7 @@ class LeaseTable:
             "token": writer.token,
             "state": str(entry.state),
             "unflushed": writer.unflushed,
+            "dirty": writer.holds_data,
         }
         entry.loss = Loss(writer.holder.key, writer.token, "broken", wall, writer.unflushed)
         entry.writer = None
@@ -324,7 +362,7 @@ class LeaseTable:
 
     def status(self, project: str, now: float, wall: float) -> dict[str, Any]:
         entry = self._touch(project, now, wall, create=False)
-        if entry is None:
+        if entry is None or self._forget_if_empty(entry):
             return protocol.unknown_project_status(project, self._grace_left(now))
         writer = None
         if entry.writer is not None:
@@ -336,6 +374,7 @@ class LeaseTable:
                 "token": w.token,
                 "ttl_left": max(0.0, w.expires - now) if entry.state is LeaseState.HELD else 0.0,
                 "unflushed": w.unflushed,
+                "dirty": w.holds_data,
                 "takeover_by": w.takeover_by,
             }
         return protocol.project_status(
@@ -352,6 +391,14 @@ class LeaseTable:
             grace_left=self._grace_left(now),
         )
 
+    def status_all(self, now: float, wall: float) -> list[dict[str, Any]]:
+        """The status of every project the table knows, after forgetting those that ended
+        with nothing to know (a read lease or a queue place that lapsed)."""
+        for entry in list(self.projects.values()):
+            self._advance(entry, now, wall)
+            self._forget_if_empty(entry)
+        return [self.status(project, now, wall) for project in self.known_projects()]
+
     def known_projects(self) -> list[str]:
         return sorted(self.projects)
 
@@ -366,12 +413,25 @@ class LeaseTable:
         self._advance(entry, now, wall)
         return entry
 
+    def _forget_if_empty(self, entry: ProjectLeases) -> bool:
+        """Drop a project that holds nothing worth keeping: never granted (no token, so no
+        fencing floor to protect), no writer, loss, reader or queue place. Requests that name
+        projects nobody was granted then leave nothing behind, in memory or on disk."""
+        if entry.last_token or entry.writer is not None or entry.loss is not None:
+            return False
+        if entry.state is not LeaseState.FREE or entry.readers or entry.queue:
+            return False
+        if self.projects.get(entry.project) is entry:
+            del self.projects[entry.project]
+        self.changed.discard(entry.project)
+        return True
+
     def _advance(self, entry: ProjectLeases, now: float, wall: float) -> None:
         """Apply every expiry due by ``now``, each at the time it fell due."""
         writer = entry.writer
         if entry.state is LeaseState.HELD and writer is not None and writer.expires <= now:
             lapsed_wall = wall - (now - writer.expires)
-            if writer.unflushed > 0:
+            if writer.holds_data:
                 entry.state = LeaseState.ORPHANED
                 entry.loss = Loss(writer.holder.key, writer.token, "orphaned", lapsed_wall, writer.unflushed)
             else:
@@ -394,22 +454,37 @@ class LeaseTable:
         return not entry.queue or entry.queue[0].holder.key == holder.key
 
     def _grant(
-        self, entry: ProjectLeases, holder: Holder, now: float, wall: float, floor: int, unflushed: int
+        self,
+        entry: ProjectLeases,
+        holder: Holder,
+        now: float,
+        wall: float,
+        floor: int,
+        unflushed: int,
+        dirty: bool,
     ) -> Decision:
         # The token is strictly greater than every earlier one, and than the floor the client
         # read from the project directory, so a lost broker state cannot reissue old tokens.
         token = max(entry.last_token, floor) + 1
         entry.last_token = token
-        entry.writer = WriterLease(holder, token, wall, now + self.timing.ttl, unflushed)
+        entry.writer = WriterLease(holder, token, wall, now + self.timing.ttl, unflushed, dirty)
         entry.state = LeaseState.HELD
         self._dequeue(entry, holder.key)
         self._mark(entry, sync=True)
         return Decision("granted", self._lease_fields(entry, entry.writer, now))
 
     def _resume(
-        self, entry: ProjectLeases, writer: WriterLease, holder: Holder, now: float, unflushed: int
+        self,
+        entry: ProjectLeases,
+        writer: WriterLease,
+        holder: Holder,
+        now: float,
+        unflushed: int,
+        *,
+        dirty: bool = False,
     ) -> Decision:
-        was_dirty = writer.unflushed > 0
+        was_dirty = writer.holds_data
+        writer.dirty = writer.dirty or dirty
         if entry.state is not LeaseState.HELD:
             entry.state = LeaseState.HELD
             entry.loss = None
@@ -417,11 +492,50 @@ class LeaseTable:
         writer.holder = holder
         writer.expires = max(writer.expires, now + self.timing.ttl)
         writer.unflushed = unflushed
-        if (unflushed > 0) != was_dirty:
+        if writer.holds_data != was_dirty:
             # Whether an expired lease orphans or frees depends on this, so it must survive a
             # restart; becoming dirty is synced before the heartbeat is answered.
-            self._mark(entry, sync=unflushed > 0)
+            self._mark(entry, sync=writer.holds_data)
         return Decision("granted", self._lease_fields(entry, writer, now))
+
+    def mark(
+        self,
+        project: str,
+        holder: Holder,
+        token: int,
+        dirty: bool,
+        now: float,
+        wall: float,
+        *,
+        unflushed: int | None = None,
+    ) -> Decision:
+        """The holder says it now holds acknowledged unflushed data, or that it no longer does.
+
+        Becoming dirty is synced before it is answered, as a grant is: the holder's write waits
+        for this answer, and a crash of the broker right after must not forget it.
+        """
+        entry = self._touch(project, now, wall, create=False)
+        writer = entry.writer if entry is not None else None
+        if (
+            entry is None
+            or writer is None
+            or writer.holder.key != holder.key
+            or writer.token != token
+            or entry.state is LeaseState.FREE
+        ):
+            return Decision("lost", self._loss_for(entry, holder, token))
+        # A mark is a sign of life too: like a heartbeat, it resumes a lease that lapsed while
+        # nobody else was granted.
+        self._resume(entry, writer, holder, now, writer.unflushed)
+        was_dirty = writer.holds_data
+        writer.dirty = dirty
+        if not dirty:
+            writer.unflushed = 0
+        elif unflushed is not None:
+            writer.unflushed = max(writer.unflushed, unflushed)
+        if writer.holds_data != was_dirty:
+            self._mark(entry, sync=writer.holds_data)
+        return Decision("ok", {"dirty": writer.holds_data, "ttl": self.timing.ttl})
 
     def _lease_fields(self, entry: ProjectLeases, writer: WriterLease, now: float) -> dict[str, Any]:
         return {
@@ -467,6 +581,7 @@ class LeaseTable:
                 "since": writer.since,
                 "token": writer.token,
                 "unflushed": writer.unflushed,
+                "dirty": writer.holds_data,
             }
         if entry.state is LeaseState.LOCK_DELAY:
             fields["retry_after"] = max(0.0, entry.free_at - now)
@@ -474,7 +589,9 @@ class LeaseTable:
             fields["queue_length"] = len(entry.queue)
         return fields
 
-    def _loss_for(self, entry: ProjectLeases, holder: Holder, token: int) -> dict[str, Any]:
+    def _loss_for(self, entry: ProjectLeases | None, holder: Holder, token: int) -> dict[str, Any]:
+        if entry is None:  # a project never granted here
+            return {"reason": "released", "at": None, "current_token": 0}
         loss = entry.loss
         if loss is not None and loss.holder == holder.key and loss.token == token:
             return {"reason": loss.reason, "at": loss.at, "current_token": entry.last_token}

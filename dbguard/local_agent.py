@@ -8,7 +8,6 @@ harmless: the agent holds an exclusive lock on its cache directory, so the secon
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 from cache import UnsafeCacheLocation, prepare_cache_dir
-from dbguard.agent import LEASES_NAME, LOCK_NAME, LOG_NAME, SOCKET_NAME, socket_address
+from dbguard.agent import LOCK_NAME, LOG_NAME, SOCKET_NAME, read_saved_leases, socket_address
 from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable, UnsafeCachePath
 from dbguard.protocol import AgentOp
@@ -69,11 +68,9 @@ def revive(settings: Settings) -> Client | None:
     client = running(settings)
     if client is not None:
         return client
-    try:
-        saved = json.loads((cache_dir(settings) / LEASES_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    if not any(lease.get("state") != "lost" for lease in saved):
+    # Only entries of the form an agent writes: nothing else is there to reclaim.
+    saved = read_saved_leases(cache_dir(settings))
+    if not any(lease["state"] != "lost" for lease in saved):
         return None
     return connect(settings)
 
@@ -107,7 +104,9 @@ def start(settings: Settings, directory: Path) -> None:
     )
     with open(directory / LOG_NAME, "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "dbguard", "agent"],
+            # -P: the current directory (a project, perhaps holding a cache.py or a zmq/ of its
+            # own) must not come first on the agent's import path.
+            [sys.executable, "-P", "-m", "dbguard", "agent"],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
+import math
 import os
+import re
 import socket
 import struct
 import time
@@ -34,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,13 +47,24 @@ from numpy.typing import NDArray
 from zlib_ng.zlib_ng import crc32
 
 from dbguard.durable import fsync_dir, write_synced
-from dbguard.errors import Fenced, GuardError, IntegrityError
+from dbguard.errors import Fenced, GuardError, IntegrityError, share_access, share_failure
+from dbguard.names import (
+    DATABASE_NAME_RULE,
+    PLAIN_NAME_RULE,
+    OutsideRoot,
+    child,
+    is_database_name,
+    is_plain_name,
+)
 
 STORE_DIR = "store"
 SEGMENTS = "segments"
 MANIFESTS = "manifests"
 FORMAT = 1
 ALIGN = 64
+
+# <generation>.json, 12 digits (more once generation 10**12 is reached).
+_MANIFEST_NAME = re.compile(r"[0-9]{12,18}\.json")
 
 # Trailer: magic, format, index offset, index length, index crc32.
 _TRAILER = struct.Struct("<8sIQQI")
@@ -59,8 +73,75 @@ _MAGIC = b"DBGSEG01"
 # What to do about a damaged segment: it is immutable, so a backup's copy is as good as the original.
 _RESTORE = "; restore that file from a backup (`dbguard verify` lists every damaged file and record)"
 
-# Disk-full and quota errors: the flush fails cleanly, the cache keeps the data, retry later.
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# What each writing method says to do once the share takes writes again (dbguard.errors names
+# the share's refusals: full, over quota, read-only, permissions).
+_AFTER_FLUSH = (
+    "then run `dbguard flush` again. Nothing was published and nothing was lost: what was not "
+    "flushed stays in this host's cache (the agent also retries by itself)"
+)
+_AFTER_FENCE = (
+    "then run `dbguard acquire` again. This host did not become the writer: a writer must be able "
+    "to write the project store"
+)
+_AFTER_COMPACT = "the data is safe: compaction is tried again after a later flush"
+_AFTER_READ = "then run the command again"
+
+_T = TypeVar("_T")
+
+
+def _writes(then: str) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Decorate a method that writes the store: every OSError becomes a GuardError naming the
+    path (`share_failure`: ShareRefused, or IntegrityError for a file where a directory belongs
+    or the other way round) that says nothing was published; ``then`` says what to do after."""
+
+    def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def wrapper(self: ProjectStore, *args: Any, **kwargs: Any) -> _T:
+            try:
+                return method(self, *args, **kwargs)
+            except OSError as exc:
+                raise share_failure(self.root, exc, then) from exc
+
+        return wrapper
+
+    return decorate
+
+
+def _reads(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Decorate a method that reads the store: the share's refusals (permissions, a file where a
+    directory belongs) become GuardErrors naming the path; the rest is re-raised."""
+
+    @functools.wraps(method)
+    def wrapper(self: ProjectStore, *args: Any, **kwargs: Any) -> _T:
+        with share_access(self.root, _AFTER_READ):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _reads_segment(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Like `_reads`, for a method that reads a segment a manifest names: a missing one is
+    damage to the store (segments are never removed while a manifest that a reader may hold
+    still names them, see `compact`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: ProjectStore, *args: Any, **kwargs: Any) -> _T:
+        try:
+            with share_access(self.root, _AFTER_READ):
+                return method(self, *args, **kwargs)
+        except FileNotFoundError as exc:
+            raise missing_segment(exc.filename or self.segments_dir) from exc
+
+    return wrapper
+
+
+def missing_segment(path: Path | str) -> IntegrityError:
+    return IntegrityError(
+        f"segment {path} is missing: a manifest of the project store names it, so its records "
+        f"cannot be read (a reader that kept an old generation open for longer than retire_delay "
+        f"reads the newest one once it reopens){_RESTORE}",
+        path=str(path),
+    )
 
 
 @dataclass(frozen=True)
@@ -91,17 +172,44 @@ class Entry:
 
     @classmethod
     def from_json(cls, segment: str, item: dict[str, Any]) -> Entry:
-        return cls(
-            db=str(item["db"]),
-            index=int(item["i"]),
-            segment=segment,
-            offset=int(item["off"]),
-            length=int(item["len"]),
-            dtype=str(item["dtype"]),
-            shape=tuple(int(n) for n in item["shape"]),
-            crc=int(item["crc"]),
-            attrs=str(item["attrs"]),
-        )
+        """The entry an index holds, checked field by field: an index is read from the share,
+        where anyone with write access may have put anything (ValueError says what is wrong)."""
+        if not isinstance(item, dict):
+            raise ValueError(f"an index entry is {type(item).__name__}, not an object")
+        db, index, offset, length = item["db"], item["i"], item["off"], item["len"]
+        dtype, shape, crc, attrs = item["dtype"], item["shape"], item["crc"], item["attrs"]
+        # One test for the usual entry (an index may hold 100,000); the checks one by one, to
+        # say what is wrong, only when it fails.
+        if not (
+            type(index) is int
+            and type(offset) is int
+            and type(length) is int
+            and type(crc) is int
+            and 0 <= index < _LIMIT
+            and 0 <= offset < _LIMIT
+            and 0 <= length < _LIMIT
+            and 0 <= crc < 1 << 32
+            and type(shape) is list
+            and len(shape) <= _MAX_DIMENSIONS
+            and all(type(n) is int and 0 <= n < _LIMIT for n in shape)
+            and type(dtype) is str
+            and type(attrs) is str
+            and is_database_name(db)
+        ):
+            if type(shape) is not list or len(shape) > _MAX_DIMENSIONS:
+                raise ValueError(f"shape {shape!r} is not a list of at most {_MAX_DIMENSIONS} sizes")
+            _database_name(db)
+            _count(index, "record index")
+            _count(offset, "offset")
+            _count(length, "length")
+            _count(crc, "checksum", below=1 << 32)
+            _text(dtype, "dtype")
+            _text(attrs, "attrs")
+            for n in shape:
+                _count(n, "dimension")
+        if record_dtype(dtype).itemsize * math.prod(shape) != length:
+            raise ValueError(f"record {index} of {db!r}: {length} bytes do not hold {shape} {dtype}")
+        return cls(db, index, _segment_name(segment), offset, length, dtype, tuple(shape), crc, attrs)
 
 
 @dataclass(frozen=True)
@@ -151,17 +259,102 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """The manifest a file holds, checked field by field (ValueError says what is wrong): a
+        checksum only proves the file whole, not that whoever wrote it wrote sense. Every name
+        in it becomes a path (segments) or a key (databases) only in its allowed form."""
+        project = data["project"]
+        if not isinstance(project, str) or (project and not is_plain_name(project)):
+            raise ValueError(f"project id {project!r} is not a plain name ({PLAIN_NAME_RULE})")
         return cls(
-            generation=int(data["generation"]),
-            token=int(data["token"]),
-            project=str(data["project"]),
-            created=float(data["created"]),
-            writer=dict(data.get("writer") or {}),
-            segments={str(k): dict(v) for k, v in data["segments"].items()},
-            databases={str(k): dict(v) for k, v in data["databases"].items()},
-            retired={str(k): float(v) for k, v in (data.get("retired") or {}).items()},
-            last_flush=dict(data.get("last_flush") or {}),
+            generation=_count(data["generation"], "generation"),
+            token=_count(data["token"], "token"),
+            project=project,
+            created=_number(data["created"], "created"),
+            writer=_flat(data.get("writer") or {}, "writer"),
+            segments={
+                _segment_name(name): _counts(info, f"segment {name}")
+                for name, info in _object(data["segments"], "segments").items()
+            },
+            databases={
+                _database_name(name): _counts(info, f"database {name}")
+                for name, info in _object(data["databases"], "databases").items()
+            },
+            retired={
+                _segment_name(name): _number(when, f"retired {name}")
+                for name, when in _object(data.get("retired") or {}, "retired").items()
+            },
+            last_flush=_flat(data.get("last_flush") or {}, "last_flush"),
         )
+
+
+# ---------------------------------------------------------------- what files may hold
+
+# numpy's own limit is 64; no image stack has more than a handful.
+_MAX_DIMENSIONS = 32
+# Every count and offset in a manifest or an index is below this (a signed 64-bit integer).
+_LIMIT = 1 << 63
+
+
+def _segment_name(name: Any) -> str:
+    if not is_plain_name(name):
+        raise ValueError(f"segment name {name!r} is not a plain name ({PLAIN_NAME_RULE})")
+    return str(name)
+
+
+def _database_name(name: Any) -> str:
+    if not is_database_name(name):
+        raise ValueError(f"database name {name!r} is not {DATABASE_NAME_RULE}")
+    return str(name)
+
+
+def _count(value: Any, what: str, below: int = _LIMIT) -> int:
+    if type(value) is not int or not 0 <= value < below:
+        raise ValueError(f"{what} {value!r} is not a whole number from 0 to {below - 1}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if type(value) not in (int, float):
+        raise ValueError(f"{what} {value!r} is not a number")
+    return float(value)
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {value!r} is not text")
+    return value
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def _counts(value: Any, what: str) -> dict[str, int]:
+    return {key: _count(number, f"{what}: {key}") for key, number in _object(value, what).items()}
+
+
+def _flat(value: Any, what: str) -> dict[str, Any]:
+    """An object of plain values (who wrote, when), shown to people as it is."""
+    for key, item in _object(value, what).items():
+        if item is not None and type(item) not in (str, int, float, bool):
+            raise ValueError(f"{what}: {key} is {type(item).__name__}, not a plain value")
+    return dict(value)
+
+
+@functools.lru_cache(maxsize=256)
+def record_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype an index names, if it is one a record can have: plain numbers, booleans,
+    fixed-width strings and bytes, as the cache stores them (ValueError otherwise). numpy must
+    never be handed object pointers, fields or sub-arrays from a file."""
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"dtype {name!r} is not a numpy dtype") from exc
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"dtype {name!r} is not one a record can have")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -189,9 +382,11 @@ class ProjectStore:
         self.root = project_dir / ".dbguard" / STORE_DIR
         self.segments_dir = self.root / SEGMENTS
         self.manifests_dir = self.root / MANIFESTS
+        self._segment_paths: dict[str, Path] = {}  # checked once each (symlinks resolved)
 
     # ------------------------------------------------------------- reading
 
+    @_reads
     def generations(self) -> list[int]:
         """Every published generation, oldest first, including ones a stale listing hides.
 
@@ -204,7 +399,8 @@ class ProjectStore:
             names = os.listdir(self.manifests_dir)
         except FileNotFoundError:
             return []
-        listed = sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        # Only names dbguard writes: int() would take other digits, and refuse 5,000 of them.
+        listed = sorted(int(n[:-5]) for n in names if _MANIFEST_NAME.fullmatch(n))
         probe = (listed[-1] if listed else 0) + 1
         while self.manifest_path(probe).exists():
             listed.append(probe)
@@ -214,7 +410,36 @@ class ProjectStore:
     def manifest_path(self, generation: int) -> Path:
         return self.manifests_dir / f"{generation:012d}.json"
 
+    @_reads
     def read_manifest(self, generation: int) -> Manifest:
+        manifest = self._load_manifest(generation)
+        path = self.manifest_path(generation)
+        if manifest.project and manifest.project != self.project_id:
+            raise IntegrityError(
+                f"manifest {path} belongs to project {manifest.project}, not to {self.project_id}, which "
+                f"{path.parents[2] / 'project.json'} names. If that project.json was made anew after the "
+                "old one was lost, move it aside and run the command again: dbguard then takes the "
+                "project's id back from its store. Otherwise restore the project's .dbguard directory "
+                "from a backup",
+                path=str(path),
+            )
+        return manifest
+
+    @_reads
+    def recorded_identity(self) -> tuple[str, int] | None:
+        """The project id that the newest whole manifest records, and its generation; None if
+        no manifest records one. Every manifest records its project's id: this is what a lost
+        project.json said (this store's own ``project_id`` plays no part)."""
+        for generation in reversed(self.generations()):
+            try:
+                manifest = self._load_manifest(generation)
+            except (FileNotFoundError, IntegrityError):
+                continue
+            if manifest.project:
+                return manifest.project, generation
+        return None
+
+    def _load_manifest(self, generation: int) -> Manifest:
         path = self.manifest_path(generation)
         try:
             data = json.loads(path.read_bytes())
@@ -222,14 +447,18 @@ class ProjectStore:
             if checksum != _crc_json(data):
                 raise ValueError("checksum mismatch")
             manifest = Manifest.from_json(data)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise IntegrityError(
                 f"manifest {path} is damaged ({exc}); `dbguard verify` lists what it affects, and the "
                 "previous generation is still readable",
                 path=str(path),
             ) from exc
-        if manifest.generation != generation or (manifest.project and manifest.project != self.project_id):
-            raise IntegrityError(f"manifest {path} belongs to another generation or project", path=str(path))
+        if manifest.generation != generation:
+            raise IntegrityError(
+                f"manifest {path} holds generation {manifest.generation}, not {generation}: it was copied or "
+                "renamed by something other than dbguard; restore it from a backup",
+                path=str(path),
+            )
         return manifest
 
     def latest(self) -> Manifest:
@@ -251,30 +480,48 @@ class ProjectStore:
         return Manifest(project=self.project_id)
 
     def segment_path(self, name: str) -> Path:
-        return self.segments_dir / f"{name}.seg"
+        """Where segment ``name`` lives: only a plain name, and only inside the segments
+        directory (a symlink that leads out is refused too), as IntegrityError otherwise. Names
+        come from manifests, which anyone who can write the share can write."""
+        path = self._segment_paths.get(name)
+        if path is None:
+            try:
+                path = child(self.segments_dir, name, ".seg")
+            except OutsideRoot as exc:
+                raise IntegrityError(
+                    f"the project store {self.root} names a segment that is not one: {exc}. A manifest "
+                    "or index was damaged or written by something other than dbguard; run `dbguard "
+                    "verify` on the project and restore the store from a backup",
+                    path=str(self.segments_dir),
+                ) from exc
+            if len(self._segment_paths) < 4096:
+                self._segment_paths[name] = path
+        return path
 
+    @_reads_segment
     def read_index(self, name: str, path: Path | None = None) -> list[Entry]:
         """The records of one segment, checked against its trailer's checksum."""
+        path = path or self.segment_path(name)
+        raw, crc = self.read_index_bytes(name, path)
+        return parse_index(path, name, raw, crc)
+
+    @_reads_segment
+    def read_index_bytes(self, name: str, path: Path | None = None) -> tuple[bytes, int]:
+        """A segment's index as stored, and the checksum its trailer gives for it (not checked
+        here: `parse_index` does)."""
         path = path or self.segment_path(name)
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
-            if size < _TRAILER.size:
-                raise IntegrityError(f"segment {path} is truncated ({size} bytes){_RESTORE}", path=str(path))
-            handle.seek(size - _TRAILER.size)
-            magic, fmt, offset, length, crc = _TRAILER.unpack(handle.read(_TRAILER.size))
-            if magic != _MAGIC or fmt != FORMAT or offset + length + _TRAILER.size != size:
-                raise IntegrityError(f"segment {path} has a damaged trailer{_RESTORE}", path=str(path))
+            handle.seek(max(0, size - TRAILER_SIZE))
+            offset, length, crc = parse_trailer(path, size, handle.read(TRAILER_SIZE))
             handle.seek(offset)
             raw = handle.read(length)
-        if crc32(raw) != crc:
-            raise IntegrityError(
-                f"segment {path} has a damaged index (checksum mismatch){_RESTORE}", path=str(path)
-            )
-        return [Entry.from_json(name, item) for item in json.loads(raw)]
+        return raw, crc
 
     # ------------------------------------------------------------- writing
 
+    @_writes(_AFTER_FLUSH)
     def flush(
         self,
         records: Iterable[PendingRecord],
@@ -324,6 +571,7 @@ class ProjectStore:
             raise
         return FlushResult(published.generation, token, len(entries), size, name)
 
+    @_writes(_AFTER_FENCE)
     def fence(self, token: int, writer: dict[str, str] | None = None) -> Manifest:
         """Publish a generation that only raises the token: from now on older holders are refused."""
         base = self.latest()
@@ -357,11 +605,8 @@ class ProjectStore:
             )
 
     def _ensure_dirs(self) -> None:
-        try:
-            self.segments_dir.mkdir(parents=True, exist_ok=True)
-            self.manifests_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _storage_error(self.root, exc) from exc
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        self.manifests_dir.mkdir(parents=True, exist_ok=True)
 
     def _write_segment(
         self, name: str, records: Iterable[PendingRecord], progress: Callable[[int], None] | None
@@ -403,18 +648,21 @@ class ProjectStore:
                 os.fsync(handle.fileno())
                 size = handle.tell()
             fsync_dir(self.segments_dir)
-        except OSError as exc:
+        except OSError:
             with contextlib.suppress(OSError):
                 path.unlink()
-            raise _storage_error(self.root, exc) from exc
+            raise
         if not entries:
             path.unlink()
         return entries, size
 
+    @_reads_segment
     def index_crc(self, name: str) -> int:
-        with open(self.segment_path(name), "rb") as handle:
-            handle.seek(-_TRAILER.size, os.SEEK_END)
-            return int(_TRAILER.unpack(handle.read(_TRAILER.size))[4])
+        path = self.segment_path(name)
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - TRAILER_SIZE))
+            return parse_trailer(path, size, handle.read(TRAILER_SIZE))[2]
 
     def _publish(self, base: Manifest, build: Callable[[Manifest], Manifest], token: int) -> Manifest:
         """Compare-and-swap the next generation into place; rebuild on a lost race."""
@@ -436,8 +684,6 @@ class ProjectStore:
                 write_synced(temp, body)
                 published = _link_exclusive(temp, target, body)
                 fsync_dir(self.manifests_dir)
-            except OSError as exc:
-                raise _storage_error(self.root, exc) from exc
             finally:
                 # Also after a failed write (a full disk): no temporary manifest is left behind.
                 temp.unlink(missing_ok=True)
@@ -460,6 +706,7 @@ class ProjectStore:
 
     # ---------------------------------------------------------- maintenance
 
+    @_writes(_AFTER_COMPACT)
     def compact(self, *, token: int, retire_delay: float, writer: dict[str, str] | None = None) -> Manifest:
         """Merge every live record into one segment; delete segments retired long enough ago.
 
@@ -504,6 +751,7 @@ class ProjectStore:
         self.delete_retired(manifest, retire_delay)
         return manifest
 
+    @_writes(_AFTER_COMPACT)
     def delete_retired(self, manifest: Manifest, retire_delay: float) -> list[str]:
         deleted = []
         cutoff = time.time() - retire_delay
@@ -535,6 +783,7 @@ class ProjectStore:
             entry.db, entry.index, entry.dtype, entry.shape, self.read_payload(entry), entry.attrs
         )
 
+    @_reads_segment
     def read_payload(self, entry: Entry, path: Path | None = None) -> bytes:
         with open(path or self.segment_path(entry.segment), "rb") as handle:
             handle.seek(entry.offset)
@@ -547,8 +796,13 @@ class ProjectStore:
             )
         return payload
 
-    def verify(self) -> Iterator[str]:
-        """Every problem found, as a sentence; nothing when the store is whole."""
+    def verify(self, superseded: list[str] | None = None) -> Iterator[str]:
+        """Every problem found, as a sentence; nothing when the store is whole.
+
+        A damaged record that a later segment replaces is not a problem: no reader of this
+        generation reads it (`clear` mends damage that way, by flushing a good copy again), and
+        compaction leaves it behind. It is reported into ``superseded`` when that is given.
+        """
         for generation in self.generations():
             try:
                 self.read_manifest(generation)
@@ -560,22 +814,70 @@ class ProjectStore:
             manifest = self.latest()
         except IntegrityError:
             return
+        indexes: dict[str, list[Entry]] = {}
         for name, info in manifest.segments.items():
-            path = self.segment_path(name)
             try:
-                entries = self.read_index(name)
-                if os.path.getsize(path) != info["size"]:
-                    actual = os.path.getsize(path)
+                path = self.segment_path(name)
+                raw, crc = self.read_index_bytes(name)
+                if "index_crc" in info and crc != info["index_crc"]:
+                    yield (
+                        f"segment {path} is not the one generation {manifest.generation} names "
+                        "(index checksum)"
+                    )
+                    continue
+                indexes[name] = parse_index(path, name, raw, crc)
+                actual = os.path.getsize(path)
+                if actual != info.get("size", actual):
                     yield f"segment {path} has {actual} bytes, the manifest says {info['size']}"
-                for entry in entries:
-                    try:
-                        self.read_payload(entry)
-                    except IntegrityError as exc:
-                        yield str(exc)
             except FileNotFoundError:
                 yield f"segment {path} named by generation {manifest.generation} is missing"
             except IntegrityError as exc:
                 yield str(exc)
+            except OSError as exc:  # what the share refuses or fails, said for this segment
+                yield f"segment {self.segments_dir / name}.seg cannot be read ({exc.strerror or exc})"
+        # With an index unreadable, what it replaces is unknown: every record counts then.
+        whole = len(indexes) == len(manifest.segments)
+        live = self.live_entries(manifest, lambda name: indexes[name]) if whole else {}
+        for entries in indexes.values():
+            for entry in entries:
+                try:
+                    self.read_payload(entry)
+                except IntegrityError as exc:
+                    if whole and live.get((entry.db, entry.index)) != entry:
+                        if superseded is not None:
+                            superseded.append(str(exc))
+                        continue
+                    yield str(exc)
+
+
+TRAILER_SIZE = _TRAILER.size
+
+
+def parse_trailer(path: Path, size: int, trailer: bytes) -> tuple[int, int, int]:
+    """Where a segment of ``size`` bytes keeps its index, from its last TRAILER_SIZE bytes:
+    (offset, length, crc32); IntegrityError if they are not a trailer of this format."""
+    if size < _TRAILER.size or len(trailer) != _TRAILER.size:
+        raise IntegrityError(f"segment {path} is truncated ({size} bytes){_RESTORE}", path=str(path))
+    magic, fmt, offset, length, crc = _TRAILER.unpack(trailer)
+    if magic != _MAGIC or fmt != FORMAT or offset + length + _TRAILER.size != size:
+        raise IntegrityError(f"segment {path} has a damaged trailer{_RESTORE}", path=str(path))
+    return offset, length, crc
+
+
+def parse_index(path: Path, name: str, raw: bytes, crc: int) -> list[Entry]:
+    """The entries of segment ``name`` from its index bytes, checked against the trailer's crc
+    and entry by entry (`Entry.from_json`)."""
+    if crc32(raw) != crc:
+        raise IntegrityError(
+            f"segment {path} has a damaged index (checksum mismatch){_RESTORE}", path=str(path)
+        )
+    try:
+        items = json.loads(raw)
+        if not isinstance(items, list):
+            raise ValueError(f"the index is {type(items).__name__}, not a list")
+        return [Entry.from_json(name, item) for item in items]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise IntegrityError(f"segment {path} has a damaged index ({exc}){_RESTORE}", path=str(path)) from exc
 
 
 def as_array(entry: Entry, payload: bytes | memoryview) -> NDArray[Any]:
@@ -584,20 +886,6 @@ def as_array(entry: Entry, payload: bytes | memoryview) -> NDArray[Any]:
 
 class _Retry(Exception):
     pass
-
-
-def _storage_error(root: Path, exc: OSError) -> GuardError:
-    if exc.errno in NO_SPACE:
-        return GuardError(
-            f"no space left on the filesystem of {root} ({exc.strerror}); nothing was lost: the data stays "
-            "in this host's cache. Free some space there and run `dbguard flush` again"
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return GuardError(
-            f"cannot write the project store {root} ({exc.strerror}); the data stays in this host's cache. "
-            "Make the project directory writable for this user and run `dbguard flush` again"
-        )
-    return GuardError(f"writing the project store {root} failed: {exc}; the data stays in this host's cache")
 
 
 # link(2) refusing because the name exists. sshfs (SFTP) reports that as EPERM, not EEXIST,

@@ -45,6 +45,9 @@ class Op(StrEnum):
     LEAVE_QUEUE = "leave-queue"
     STATUS = "status"
     BREAK = "break"
+    # The holder tells the lease service that it now holds acknowledged unflushed data (dirty)
+    # or that a flush emptied its cache (clean): whether an expired lease orphans or frees.
+    MARK = "mark"
 
 
 class AgentOp(StrEnum):
@@ -55,10 +58,17 @@ class AgentOp(StrEnum):
     RELEASE = "release"
     LEASES = "leases"
     SHUTDOWN = "shutdown"
+    # A writing process's first unflushed write after a clean state: the agent marks the lease
+    # dirty at the lease service before the write may proceed (invariant 7).
+    MARK_DIRTY = "mark-dirty"
+    # A flush has just emptied the project's cache: mark the lease clean now, not at the agent's
+    # next look, so that a host that dies right after a successful flush frees its project.
+    SETTLE = "settle"
 
 
 class ErrorKind(StrEnum):
-    """Why a request failed; the client maps each to a typed `GuardError`."""
+    """Why a request failed. Each `GuardError` class declares the kind it travels as (its
+    ``kind``, dbguard.errors), and a client raises the class of the kind it reads."""
 
     BAD_REQUEST = "bad-request"
     VERSION = "unsupported-version"
@@ -68,8 +78,15 @@ class ErrorKind(StrEnum):
     NOT_HOLDER = "not-holder"
     UNSAFE_CACHE = "unsafe-cache"
     INTEGRITY = "integrity"
+    FENCED = "fenced"
     UNAVAILABLE = "unavailable"
     USAGE = "usage"
+    BUSY = "busy"
+    SHARE_REFUSED = "share-refused"
+    CACHE_FULL = "cache-full"
+    UNFLUSHED = "unflushed"
+    ETCD_CLUSTER = "etcd-cluster"
+    AGENT_RUNNING = "agent-running"
     INTERNAL = "internal"
 
 
@@ -91,12 +108,20 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
         "takeover": (bool, False),
         "floor": (int, False),
         "unflushed": (int, False),
+        "dirty": (bool, False),
     },
     Op.RENEW: {"holder": _HOLDER, "leases": (list, True)},
     Op.RELEASE: {"project": _PROJECT, "holder": _HOLDER, "token": (int, False), "mode": (str, False)},
     Op.LEAVE_QUEUE: {"project": _PROJECT, "holder": _HOLDER},
     Op.STATUS: {"project": (str, False)},
     Op.BREAK: {"project": _PROJECT, "force": (bool, True), "operator": (str, False)},
+    Op.MARK: {
+        "project": _PROJECT,
+        "holder": _HOLDER,
+        "token": (int, True),
+        "dirty": (bool, True),
+        "unflushed": (int, False),
+    },
 }
 _HOLDER_FIELDS: Final = {"host": str, "user": str, "agent": str, "cache": str}
 _RENEW_ITEM_FIELDS: Final = {"project": str, "token": int, "unflushed": int}

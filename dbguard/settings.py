@@ -7,7 +7,9 @@ the environment and ``ttl = 30`` in a config file.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import math
 import os
 import socket
 import tomllib
@@ -62,23 +64,52 @@ class Settings:
         return getpass.getuser()
 
 
-_FLOATS = {"ttl", "lock_delay", "grace", "flush_interval", "retire_delay", "request_timeout"}
+_DAY = 86_400.0
+# Seconds: (lowest, highest) each setting accepts. Anything outside is a typo or a unit mix-up
+# (milliseconds for seconds), and nan or inf would silently disable what the setting times: a
+# broker with TTL nan never expires a dead holder's lease.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "ttl": (0.1, _DAY),
+    "lock_delay": (0.0, _DAY),
+    "grace": (0.0, _DAY),  # 0 means one TTL
+    "flush_interval": (0.1, 30 * _DAY),
+    "retire_delay": (0.0, 30 * _DAY),
+    "request_timeout": (0.1, 3600.0),
+}
+_FLOATS = set(BOUNDS)
 _PATHS = {"cache", "keys", "state"}
 NAMES = tuple(f.name for f in fields(Settings))
 
 
+def check_seconds(name: str, value: Any, origin: str) -> float:
+    low, high = BOUNDS[name]
+    number = math.nan
+    # A TOML `true` is not a number of seconds, though Python would read it as 1.
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):  # not a number: refused below
+            number = float(value)
+    if not low <= number <= high:  # also refuses nan (no comparison holds) and inf
+        raise UsageError(
+            f"{origin}: '{name}' must be a number of seconds from {low:g} to {high:g} "
+            f"({_span(high)}), not {value!r}"
+        )
+    return number
+
+
+def _span(seconds: float) -> str:
+    if seconds >= _DAY:
+        return f"{seconds / _DAY:g} day{'s' if seconds > _DAY else ''}"
+    return f"{seconds / 3600:g} h"
+
+
 def _convert(name: str, value: Any, origin: str) -> Any:
     if name in _FLOATS:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"{origin}: '{name}' must be a number of seconds, not {value!r}") from None
-        if number < 0 or (name == "ttl" and number == 0):
-            raise UsageError(f"{origin}: '{name}' must be {'positive' if name == 'ttl' else 'zero or more'}")
-        return number
+        return check_seconds(name, value, origin)
     if not isinstance(value, str) or not value:
         raise UsageError(f"{origin}: '{name}' must be a non-empty string")
     if name in _PATHS:
+        if "\0" in value:  # TOML can carry one; every system call would refuse the path
+            raise UsageError(f"{origin}: '{name}' must be a path, and {value!r} holds a NUL character")
         return Path(value).expanduser()
     if name == "broker" and value.startswith("etcd://"):
         from dbguard.etcd_leases import EtcdAddress  # only a site with etcd pays for its client
@@ -92,6 +123,16 @@ def _convert(name: str, value: Any, origin: str) -> Any:
             f"{origin}: broker address {value!r} must look like tcp://host:port "
             "(or etcd://host:port[,host:port...])"
         )
+    if name == "broker" and value.startswith("tcp://"):
+        # ZeroMQ would refuse it only when a socket connects, with a bare "Invalid argument".
+        host, _, port = value[len("tcp://") :].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(
+                f"{origin}: broker address {value!r} must look like tcp://host:port with a host and a "
+                f"port from 1 to 65535, such as tcp://broker-host:{DEFAULT_PORT}"
+            )
+    if name == "broker" and value.startswith("ipc://") and len(value) == len("ipc://"):
+        raise UsageError(f"{origin}: broker address {value!r} names no socket path (ipc:///path/to/socket)")
     return value
 
 

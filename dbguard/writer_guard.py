@@ -9,13 +9,12 @@ kept aside (invariants 2 and 5), so the check is about telling the user early, n
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from dbguard.agent import LEASES_NAME
+from dbguard.agent import LEASES_NAME, read_saved_leases
 from dbguard.errors import LeaseHeld, LeaseLost
 from dbguard.project import Project, read_writer_record
 
@@ -64,11 +63,7 @@ class WriterGuard:
         )
 
     def _read(self) -> dict[str, Any]:
-        try:
-            leases = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        for lease in leases:
-            if lease.get("project") == self.project.id:
-                return dict(lease)
+        for lease in read_saved_leases(self.path.parent):
+            if lease["project"] == self.project.id:
+                return lease
         return {}

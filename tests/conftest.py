@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from dbguard.local_etcd import EtcdCluster, etcd_unavailable
-from tools.testbed import BrokerProcess, EtcdBackend, Host, LeaseBackend, namespaces_unavailable
+from tools.sshfs import SshServer
+from tools.testbed import BrokerProcess, EtcdBackend, Host, LeaseBackend, SimHost, namespaces_unavailable
 
 # Short timings keep the suite fast; every test that waits for an expiry uses these.
 TTL = 1.5
@@ -105,5 +107,38 @@ def hosts(tmp_path: Path, backend: LeaseBackend, request: pytest.FixtureRequest)
 def project(tmp_path: Path) -> Path:
     """A project directory that every simulated host sees (a plain shared directory)."""
     path = tmp_path / "shared" / "project"
+    path.mkdir(parents=True)
+    return path
+
+
+# Makes a whole simulated host: name, the path it mounts the shared directory at, its settings.
+MakeSimHost = Callable[..., SimHost]
+
+
+@contextlib.contextmanager
+def sim_hosts(
+    root: Path, backend: LeaseBackend, shared: Path, request: pytest.FixtureRequest
+) -> Iterator[MakeSimHost]:
+    """Whole simulated hosts (tools.testbed.SimHost) that mount ``shared`` over loopback sshfs and
+    use ``backend``; stopped at the end, with their agents' logs printed if the test failed."""
+    made: list[SimHost] = []
+    with SshServer(root / "sshd") as server:
+
+        def make(name: str, mount: str, **settings: str) -> SimHost:
+            host = SimHost(name, root / "hosts", backend, server, shared, mount, **settings)  # type: ignore[arg-type]
+            made.append(host.start())
+            return host
+
+        yield make
+        for host in made:
+            if _failed(request):
+                print(f"\n----- agent log of {host.name} -----\n{host.agent_log()}")
+            host.stop()
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    """The directory the simulated hosts' sshfs mounts export."""
+    path = tmp_path / "export" / "proj"
     path.mkdir(parents=True)
     return path

@@ -1,6 +1,7 @@
-"""The chaos checker (tools/chaos.py): a short run on simulated hosts, with every kind of fault,
-breaks none of the invariants of DESIGN.md; and the checker catches each kind of violation it
-claims to, shown on made-up histories (a checker that never fails proves nothing).
+"""The chaos checker (tools/chaos.py): a short run on simulated hosts, with every kind of fault
+(a host killed right after a write among them), breaks none of the invariants of DESIGN.md; and
+the checker catches each kind of violation it claims to, shown on made-up histories (a checker
+that never fails proves nothing).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def test_a_short_chaos_run_injects_every_fault_and_breaks_no_invariant(backend: 
     operations = data["operations"]
     assert operations["grants"] > 3 and operations["acknowledged_records"] > 50, shown
     assert operations["reads"] > 20 and operations["records_read"] > 100, shown
+    # Invariant 7 was put to the test: a host died holding records it had not flushed, and the
+    # lease service was seen keeping its project orphaned while it was down.
+    assert data["orphans"]["dirty_deaths"] >= 1 and data["orphans"]["orphaned_seen"] >= 1, shown
     assert result.returncode == 0, shown
 
 
@@ -202,3 +206,109 @@ def test_payloads_identify_their_writer_and_nothing_else() -> None:
     damaged = array.copy()
     damaged[3, 3] += 1
     assert chaos.identify(damaged) is None
+
+
+# Invariant 7: host "a" wrote under token 2, the store held 5 records (indices 0..4) when it died
+# over [10.0, 10.05], and it was down until 16.0.
+
+
+def dirty_death(count: int = 5) -> dict[str, Any]:
+    return {
+        "ev": "fault",
+        "kind": "crash-host-dirty",
+        "host": "a",
+        "t0": 10.0,
+        "t1": 17.0,
+        "t_crashed": 10.05,
+        "t_restart": 16.0,
+        "store": {"generation": 4, "count": count},
+    }
+
+
+def writers(*grants: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Writer w0 on host a appended record 5 right before the crash; each grant of ``grants``
+    went to a writer of its own on its host."""
+    clients = {
+        "chaos-w0-0": [
+            {"ev": "start", "t": 0.0, "host": "a"},
+            {**grant(1.0, 1.1, 2, "a"), "t": 1.1},
+            {"ev": "append", "t": 9.99, "seq": 5, "index": 5, "sha": "ab", "token": 2},
+        ]
+    }
+    for number, given in enumerate(grants, start=1):
+        clients[f"chaos-w{number}-0"] = [{"ev": "start", "t": 0.0, "host": given["host"]}, given]
+    return clients
+
+
+def free(s0: float) -> dict[str, Any]:
+    return {"ev": "status", "s0": s0, "s1": s0 + 0.01, "state": "lock-delay", "token": 2, "writer": None}
+
+
+def test_a_dead_dirty_holders_project_granted_elsewhere_without_a_break_is_a_violation() -> None:
+    report = chaos.Report()
+    chaos.check_orphans(writers(grant(12.0, 12.2, 3, "b")), [], [dirty_death()], report)
+    assert len(report.violations["7"]) == 1, report.violations
+    assert "token 3 was granted to b" in report.violations["7"][0]
+    assert report.orphans["dirty_deaths"] == 1 and report.orphans["stranded_records"] == 1
+
+
+def test_a_dead_dirty_holders_project_shown_free_is_a_violation() -> None:
+    report = chaos.Report()
+    orphaned = status(11.0, 2, "a", state="orphaned")
+    chaos.check_orphans(writers(), [orphaned, free(12.0)], [dirty_death()], report)
+    assert any("showed the project lock-delay" in text for text in report.violations["7"]), report.violations
+    assert report.orphans["orphaned_seen"] == 1
+
+
+def test_a_break_while_the_holder_is_down_excuses_the_next_grant() -> None:
+    report = chaos.Report()
+    faults = [
+        dirty_death(),
+        {"ev": "breaking", "t0": 11.5},
+        {"ev": "fault", "kind": "break", "t0": 11.5, "t_break": 11.5, "t1": 11.9},
+    ]
+    chaos.check_orphans(writers(grant(12.0, 12.2, 3, "b")), [free(12.5)], faults, report)
+    assert report.violations["7"] == []
+    assert report.orphans["broken_while_down"] == 1
+
+
+def test_flushed_records_and_grants_after_the_restart_are_no_violation() -> None:
+    report = chaos.Report()
+    # The store already had record 5 when "a" died: it died clean, the project may go free.
+    chaos.check_orphans(writers(grant(12.0, 12.2, 3, "b")), [free(12.5)], [dirty_death(count=6)], report)
+    assert report.violations["7"] == [] and report.orphans["dirty_deaths"] == 0
+    # A grant that returned after "a" was started again: it may have come back and flushed.
+    report = chaos.Report()
+    chaos.check_orphans(writers(grant(15.5, 16.2, 3, "b")), [], [dirty_death()], report)
+    assert report.violations["7"] == [] and report.orphans["dirty_deaths"] == 1
+
+
+def test_the_nemesis_sees_only_history_lines_written_after_it_began_to_watch(tmp_path: Path) -> None:
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"ev": "append", "seq": 0}\n{"ev": "app')
+    tail = chaos._Tail(path)
+    with open(path, "a") as handle:
+        handle.write('end", "seq": 1}\n{"ev": "flush_ok"}\n{"ev": "append", "se')
+    assert [e["ev"] for e in tail.read()] == ["flush_ok"]
+    with open(path, "a") as handle:
+        handle.write('q": 2}\n')
+    assert tail.read() == [{"ev": "append", "seq": 2}]
+
+
+def test_a_break_of_an_older_lease_does_not_excuse_records_of_a_newer_one() -> None:
+    report = chaos.Report()
+    clients = writers(grant(12.0, 12.2, 5, "b"))
+    # Host a's lease of token 2 was broken at 3.0; it was granted token 4 at 5.0 and wrote
+    # record 6 under it: no break since then, so granting b while a is down is a violation.
+    clients["chaos-w0-0"] += [
+        {**grant(5.0, 5.1, 4, "a"), "t": 5.1},
+        {"ev": "append", "t": 9.995, "seq": 6, "index": 6, "sha": "cd", "token": 4},
+    ]
+    faults = [
+        {"ev": "breaking", "t0": 3.0},
+        {"ev": "fault", "kind": "break", "t0": 3.0, "t_break": 3.0, "t1": 3.4},
+        dirty_death(),
+    ]
+    chaos.check_orphans(clients, [], faults, report)
+    assert len(report.violations["7"]) == 1, report.violations
+    assert "records of token 4" in report.violations["7"][0]

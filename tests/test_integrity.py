@@ -33,7 +33,8 @@ from tests.conftest import LOCK_DELAY, TTL
 from tools.testbed import BrokerProcess, Host, free_port
 
 INTEGRITY = 6
-UNEXPECTED = 1
+REFUSED = 7  # the share refused a write
+UNFLUSHED = 8  # not released: unflushed data remains
 
 RunPython = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -592,15 +593,15 @@ def test_an_unwritable_project_fails_flush_and_acquire_clearly_and_keeps_the_cac
     assert dirty > 0
     store = ProjectStore(project, project_id).root
     before = snapshot(store)
-    fix = "Make the project directory writable"
+    fix = "Remount it read-write"
 
     with read_only(project), read_only(other):
         flushed = a.run("flush", str(project))
         assert_refused(
-            flushed, UNEXPECTED, str(store), "Read-only file system", fix, "stays in this host's cache"
+            flushed, REFUSED, str(store), "Read-only file system", fix, "stays in this host's cache"
         )
         released = a.run("release", str(project))
-        assert released.returncode == UNEXPECTED and "not released" in released.stderr
+        assert released.returncode == UNFLUSHED and "not released" in released.stderr
         assert "Traceback" not in released.stderr
         status = lease_state(a, project)
         assert (
@@ -608,7 +609,7 @@ def test_an_unwritable_project_fails_flush_and_acquire_clearly_and_keeps_the_cac
         )
         assert any("Read-only file system" in n["text"] for n in status["agent"]["notices"])
         taken = c.run("acquire", str(other))
-        assert_refused(taken, UNEXPECTED, str(other / ".dbguard" / "store"), "Read-only file system", fix)
+        assert_refused(taken, REFUSED, str(other / ".dbguard" / "store"), "Read-only file system", fix)
         assert lease_state(c, other)["projects"][0]["state"] == "free"  # the refused writer let go
 
     with CacheStore(a.cache, project_id) as cache:

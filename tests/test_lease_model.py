@@ -74,6 +74,7 @@ class Owner:
     start: float  # when this holder's continuous hold began
     deadline: float  # the lease lapses here unless renewed (the table's ``expires``)
     unflushed: int  # what the holder last reported
+    dirty: bool = False  # what the holder last marked (only a mark changes it, never a heartbeat)
     # A lapsed state loaded from a durable record; the lapse happened before the restart.
     forced: LeaseState | None = None
     free_at: float = 0.0  # with forced LOCK_DELAY: when the table frees it
@@ -86,6 +87,10 @@ class Owner:
     def key(self) -> str:
         return self.holder.key
 
+    @property
+    def holds_data(self) -> bool:
+        return self.dirty or self.unflushed > 0
+
     def state(self, t: float, timing: Timing) -> LeaseState:
         if self.forced is LeaseState.ORPHANED:
             return LeaseState.ORPHANED
@@ -93,7 +98,7 @@ class Owner:
             return LeaseState.LOCK_DELAY if t < self.free_at else LeaseState.FREE
         if t < self.deadline:
             return LeaseState.HELD
-        if self.unflushed > 0:
+        if self.holds_data:
             return LeaseState.ORPHANED
         return LeaseState.LOCK_DELAY if t < self.deadline + timing.lock_delay else LeaseState.FREE
 
@@ -172,10 +177,10 @@ class LeaseClockMachine(RuleBasedStateMachine):
         if o is not None and o.forced is None and not o.noted and self.t >= o.deadline:
             o.noted = True
             o.takeover_by = None
-            pm.loss = (o.key, o.token, "orphaned" if o.unflushed > 0 else "expired")
+            pm.loss = (o.key, o.token, "orphaned" if o.holds_data else "expired")
         if o is not None and o.state(self.t, self.timing) is LeaseState.FREE:
             # Only a clean lease lapses to free, and only after the lock-delay (invariant 4).
-            assert o.unflushed == 0, "a lease with unflushed data lapsed to free instead of orphaned"
+            assert not o.holds_data, "a lease with unflushed data lapsed to free instead of orphaned"
             self.close(pm, o.hold_end(), free_after=o.hold_end() + self.timing.lock_delay)
         pm.queue = [w for w in pm.queue if w.expires > self.t]
         pm.readers = {k: e for k, e in pm.readers.items() if e > self.t}
@@ -219,21 +224,32 @@ class LeaseClockMachine(RuleBasedStateMachine):
             "future": last + 1,
         }[choice]
 
-    def resume(self, pm: ProjectModel, holder: Holder, unflushed: int) -> None:
+    def resume(self, pm: ProjectModel, holder: Holder, unflushed: int, *, dirty: bool = False) -> None:
+        """The lease resumes; an acquire's ``dirty`` sets its dirty mark, a heartbeat's bytes never
+        clear it."""
         o = pm.owner
         assert o is not None
         if o.state(self.t, self.timing) is not LeaseState.HELD:
             pm.loss = None
             self.expect_sync = True  # the lease is live again: durable before the answer
-        if unflushed > 0 and o.unflushed == 0:
+        if (unflushed > 0 or dirty) and not o.holds_data:
             self.expect_sync = True  # becoming dirty decides orphaned vs free: durable too
+        o.dirty = o.dirty or dirty
         o.forced = None
         o.noted = False
         o.holder = holder
         o.deadline = max(o.deadline, self.t + self.timing.ttl)
         o.unflushed = unflushed
 
-    def new_grant(self, project: str, holder: Holder, decision: Decision, floor: int, unflushed: int) -> None:
+    def new_grant(
+        self,
+        project: str,
+        holder: Holder,
+        decision: Decision,
+        floor: int,
+        unflushed: int,
+        dirty: bool = False,
+    ) -> None:
         """Check a grant of a fresh token against invariants 1 to 5, then record it."""
         pm = self.models[project]
         assert decision.kind == "granted", decision
@@ -250,7 +266,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
             assert end <= self.t, f"hold of {key} [{start}, {end}) overlaps the grant at {self.t}"
         assert not pm.queue or pm.queue[0].holder.key == holder.key, "granted past the queue's head"
         pm.last_token = token
-        pm.owner = Owner(holder, token, self.t, self.t + self.timing.ttl, unflushed)
+        pm.owner = Owner(holder, token, self.t, self.t + self.timing.ttl, unflushed, dirty)
         self.dequeue(pm, holder.key)
         self.tokens[(project, holder.key)] = token
         self.expect_sync = True
@@ -284,9 +300,9 @@ class LeaseClockMachine(RuleBasedStateMachine):
                 previous is not None
                 and previous["writer"] is not None
                 and previous["writer"]["token"] == (writer or {}).get("token")
-                and previous["writer"]["unflushed"] > 0
+                and (previous["writer"]["unflushed"] > 0 or previous["writer"]["dirty"])
             )
-            dirtied = writer is not None and writer["unflushed"] > 0 and not was_dirty
+            dirtied = writer is not None and (writer["unflushed"] > 0 or writer["dirty"]) and not was_dirty
             if (granted and writer is not None) or revived or dirtied:
                 assert must_sync, f"record {record} changed a grant but was not to be synced"
             self.store[project] = record
@@ -310,9 +326,17 @@ class LeaseClockMachine(RuleBasedStateMachine):
         takeover=st.booleans(),
         floor_choice=st.sampled_from(FLOOR_CHOICES),
         unflushed=st.sampled_from([0, 0, 7]),
+        dirty=st.sampled_from([False, False, True]),
     )
     def acquire_write(
-        self, holder: Holder, project: str, wait: bool, takeover: bool, floor_choice: str, unflushed: int
+        self,
+        holder: Holder,
+        project: str,
+        wait: bool,
+        takeover: bool,
+        floor_choice: str,
+        unflushed: int,
+        dirty: bool,
     ) -> None:
         last = self.models[project].last_token
         floor = {"zero": 0, "newest": last, "above": last + 3, "below": max(0, last - 1)}[floor_choice]
@@ -326,6 +350,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
             takeover=takeover,
             floor=floor,
             unflushed=unflushed,
+            dirty=dirty,
         )
         pm = self.touch(project)
         o = pm.owner
@@ -333,13 +358,13 @@ class LeaseClockMachine(RuleBasedStateMachine):
             # A retry, a restarted agent or a returning orphan: the lease resumes, same token.
             assert decision.kind == "granted", decision
             assert decision.fields["token"] == o.token
-            self.resume(pm, holder, unflushed)
+            self.resume(pm, holder, unflushed, dirty=dirty)
         elif (
             o is None
             and self.t >= self.grace_until
             and (not pm.queue or pm.queue[0].holder.key == holder.key)
         ):
-            self.new_grant(project, holder, decision, floor, unflushed)
+            self.new_grant(project, holder, decision, floor, unflushed, dirty)
         elif (
             takeover
             and o is not None
@@ -406,6 +431,31 @@ class LeaseClockMachine(RuleBasedStateMachine):
                     reason = "released"
                 assert result["reason"] == reason, (result, pm.loss)
                 assert result["current_token"] == pm.last_token
+        self.persist()
+
+    @rule(
+        holder=st.sampled_from(HOLDERS),
+        project=st.sampled_from(PROJECTS),
+        choice=st.sampled_from(["mine", "newest", "older"]),
+        dirty=st.booleans(),
+        unflushed=st.sampled_from([0, 5]),
+    )
+    def mark(self, holder: Holder, project: str, choice: str, dirty: bool, unflushed: int) -> None:
+        """The holder's agent marks its lease dirty before a write, or clean after a flush."""
+        token = self.pick_token(project, holder, choice)
+        decision = self.table.mark(project, holder, token, dirty, self.now, self.wall, unflushed=unflushed)
+        pm = self.touch(project)
+        o = pm.owner
+        if o is not None and o.key == holder.key and o.token == token:
+            assert decision.kind == "ok", decision
+            self.resume(pm, holder, o.unflushed)
+            if dirty and not o.holds_data:
+                self.expect_sync = True  # the write waits for this answer: durable first
+            o.dirty = dirty
+            o.unflushed = max(o.unflushed, unflushed) if dirty else 0
+            assert decision.fields["dirty"] == o.holds_data
+        else:
+            assert decision.kind == "lost", decision
         self.persist()
 
     @rule(project=st.sampled_from([*PROJECTS, "never-seen"]))
@@ -498,10 +548,11 @@ class LeaseClockMachine(RuleBasedStateMachine):
         start, expired_at, owes = self.t, self.t, False
         if o is not None:
             assert (o.key, o.token) == (holder.key, writer["token"])
+            durable_dirty = writer["unflushed"] > 0 or writer["dirty"]
             if power_loss:
-                assert writer["unflushed"] > 0 or o.unflushed == 0, "new unflushed data was not synced"
+                assert durable_dirty or not o.holds_data, "new unflushed data was not synced"
             else:
-                assert (writer["unflushed"] > 0) == (o.unflushed > 0)
+                assert durable_dirty == o.holds_data
             start, expired_at, owes = o.start, min(o.hold_end(), self.t), o.owes_lock_delay
         else:
             # Only a power loss can bring back a lease that was released, broken or freed.
@@ -512,6 +563,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
             start,
             deadline=self.t + self.timing.grace,
             unflushed=writer["unflushed"],
+            dirty=writer["dirty"],
             owes_lock_delay=owes,
         )
         if state is LeaseState.HELD:
@@ -541,6 +593,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
         writer = report["writer"]
         assert (writer["host"], writer["user"], writer["token"]) == (o.holder.host, o.holder.user, o.token)
         assert writer["unflushed"] == o.unflushed
+        assert writer["dirty"] == o.holds_data
         if state is LeaseState.HELD:
             assert writer["ttl_left"] == o.deadline - self.t
             assert writer["takeover_by"] == o.takeover_by
@@ -551,7 +604,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
             assert report["free_in"] == o.free_time(self.timing) - self.t
         loss = pm.loss
         if o.forced is None and not o.noted and self.t >= o.deadline:
-            loss = (o.key, o.token, "orphaned" if o.unflushed > 0 else "expired")
+            loss = (o.key, o.token, "orphaned" if o.holds_data else "expired")
         last = report["last_loss"]
         assert (None if last is None else (last["holder"], last["token"], last["reason"])) == loss
 
@@ -646,6 +699,7 @@ class LeaseTableMachine(LeaseClockMachine):
                 "token": o.token,
                 "state": str(o.state(self.t, self.timing)),
                 "unflushed": o.unflushed,
+                "dirty": o.holds_data,
             }
             pm.loss = (o.key, o.token, "broken")
             self.close(pm, min(self.t, o.hold_end()), free_after=self.t)

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LOCK_DELAY, TTL
-from tools.sshfs import SshServer, sshfs_unavailable
+from tests.conftest import LOCK_DELAY, TTL, sim_hosts
+from tools.sshfs import sshfs_unavailable
 from tools.testbed import BrokerProcess, SimHost, namespaces_unavailable, wait_for
 
 _WHY_NOT = namespaces_unavailable() or sshfs_unavailable()
@@ -34,30 +34,11 @@ MakeHost = Callable[[str], SimHost]
 
 
 @pytest.fixture
-def shared(tmp_path: Path) -> Path:
-    path = tmp_path / "export" / "proj"
-    path.mkdir(parents=True)
-    return path
-
-
-@pytest.fixture
 def make_host(
     tmp_path: Path, broker: BrokerProcess, shared: Path, request: pytest.FixtureRequest
 ) -> Iterator[MakeHost]:
-    made: list[SimHost] = []
-    with SshServer(tmp_path / "sshd") as server:
-
-        def make(name: str, **settings: str) -> SimHost:
-            host = SimHost(f"ws-{name}", tmp_path / "hosts", broker, server, shared, MOUNTS[name], **settings)
-            made.append(host.start())
-            return host
-
-        yield make
-        failed = getattr(request.node, "report_call", None)
-        for host in made:
-            if failed is None or failed.failed:
-                print(f"\n----- agent log of {host.name} -----\n{host.agent_log()}")
-            host.stop()
+    with sim_hosts(tmp_path, broker, shared, request) as make:
+        yield lambda name, **settings: make(f"ws-{name}", MOUNTS[name], **settings)
 
 
 def run_json(host: SimHost, *args: str) -> Any:

@@ -381,7 +381,7 @@ def test_kill_9_at_random_points_never_tears_the_store_or_loses_a_finished_flush
         )
         assert code == 0, f"{context}: the re-flush failed:\n{log_errors(reflush_log)}"
         project = Project(project_id, project_dir)
-        checked = verify_cache_in_store(cache_root, project)
+        checked = verify_cache_in_store(cache_root, project).checked
         after = check_store_whole(store)
         assert checked == len(after), f"{context}: the cache has {checked} records, the store {len(after)}"
         assert CacheStore.dirty_bytes_of(cache_root, project_id) == 0, context
@@ -420,7 +420,7 @@ def test_a_cache_whose_creator_was_killed_before_its_first_commit_does_not_block
     assert ProjectStore(project.path, project.id).latest().generation == 0  # nothing to flush
     put_round(cache_root, project.id, round_records(5, 0))
     assert flush_project(cache_root, project, 3).generation == 1
-    assert verify_cache_in_store(cache_root, project) == len(round_records(5, 0))
+    assert verify_cache_in_store(cache_root, project).checked == len(round_records(5, 0))
 
 
 # --------------------------------------------------------------------------- b. full filesystem
@@ -505,7 +505,7 @@ def test_a_full_project_filesystem_fails_the_flush_cleanly_and_keeps_every_dirty
     filler.unlink()
     after = flush_project(cache_root, project, 1)
     assert after.generation == before.generation + 1 and after.records == len(big)
-    assert verify_cache_in_store(cache_root, project) == len(first) + len(big)
+    assert verify_cache_in_store(cache_root, project).checked == len(first) + len(big)
     assert check_store_whole(store) == {(p.db, p.index): p.crc for p in first + big}
 
 
@@ -551,7 +551,9 @@ def test_running_out_of_space_while_publishing_leaves_store_cache_and_disk_as_th
     filler.unlink()
     after = flush_project(cache_root, project, 1)
     assert after.generation == before.generation + 1
-    assert verify_cache_in_store(cache_root, project) == len({(p.db, p.index) for p in first + second})
+    assert verify_cache_in_store(cache_root, project).checked == len(
+        {(p.db, p.index) for p in first + second}
+    )
     # A failed flush cleans up after itself: every retry on a full disk must not add debris.
     assert left == manifests_before, f"a failed publish left {sorted(set(left) - set(manifests_before))}"
 

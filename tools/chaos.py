@@ -28,15 +28,30 @@ The harness itself polls the broker's status many times a second (the broker's v
 and copies every manifest as soon as it is published (old ones are deleted after a delay).
 
 The nemesis injects, on a seeded random schedule: SIGKILL of a writer, SIGKILL of an agent,
-SIGSTOP of a whole host for less and for more than the TTL, host crash and restart, broker
-SIGKILL and restart, broker SIGSTOP, a full disk on the project store, and `dbguard break
---force` by an operator while the project is orphaned. Every kind is injected at least once
-early on, then kinds are drawn at random.
+SIGSTOP of a whole host for less and for more than the TTL, host crash and restart at a random
+moment, host crash right after a write (the harness tails the writers' histories and kills the
+whole host within milliseconds of an acknowledged append that is not flushed yet, then keeps it
+down for longer than TTL + lock-delay), broker SIGKILL and restart, broker SIGSTOP, a full disk
+on the project store, and `dbguard break --force` by an operator while the project is orphaned.
+Every kind is injected at least once early on, then kinds are drawn at random. Each host crash
+notes what the store held right after the kill (its newest generation and record count).
 
 After the run, with every process stopped, the checker reads every history, the manifests and
-the final store, and decides invariants 1 to 5 (see `check` for exactly how), plus a sixth
-check of invariant 5 (no appended record vanished). It prints the figures and exits 1 on any
-violation (`--json`: one JSON object), 2 if the harness itself failed, 130 if interrupted.
+the final store, and decides (see `check` for exactly how):
+
+1. never two writer hosts at overlapping times, as the broker shows them;
+2. no flush accepted with a stale token;
+3. no acknowledged record lost;
+4. no torn read;
+5. `dbguard verify` finds the final store clean;
+6. no appended record vanished (a second check of invariant 5: kept in the store, a cache or
+   aside);
+7. a host that died holding acknowledged unflushed records leaves its project orphaned: while it
+   is down, no other host is granted the project, nor does the lease service show it free,
+   unless an operator broke the lease.
+
+It prints the figures and exits 1 on any violation (`--json`: one JSON object), 2 if the harness
+itself failed, 130 if interrupted.
 Everything is stopped and unmounted on exit, also on Ctrl-C; the work directory is kept when the
 run did not pass, and `--recheck WORKDIR` runs the checker on it again.
 """
@@ -87,11 +102,15 @@ FAULT_KINDS = (
     "pause-host-short",
     "pause-host-long",
     "crash-host",
+    "crash-host-dirty",
     "kill-broker",
     "pause-broker",
     "disk-full",
     "break",
 )
+# The kinds that kill a whole host: its processes are dead from the fault's ``t_crashed`` until
+# it is started again at ``t_restart``.
+CRASH_KINDS = ("crash-host", "crash-host-dirty")
 # How often each kind is drawn once every kind has been injected at least once.
 _WEIGHTS = {
     "kill-writer": 3,
@@ -99,6 +118,7 @@ _WEIGHTS = {
     "pause-host-short": 2,
     "pause-host-long": 2,
     "crash-host": 2,
+    "crash-host-dirty": 2,
     "kill-broker": 1,
     "pause-broker": 1,
     "disk-full": 2,
@@ -111,6 +131,7 @@ INVARIANTS = {
     "4": "no torn read",
     "5": "dbguard verify finds the final store clean",
     "6": "no appended record vanished (kept in the store, a cache or aside)",
+    "7": "a holder dead with unflushed data leaves its project orphaned",
 }
 
 
@@ -379,6 +400,33 @@ def host_visible(path: str) -> str:
     if path.startswith(("/tmp/", "/mnt/")) or path in ("/tmp", "/mnt"):
         return f"/proc/{os.getpid()}/root{path}"
     return path
+
+
+class _Tail:
+    """The whole lines appended to a history file since this object was made."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.offset = path.stat().st_size
+        except FileNotFoundError:
+            self.offset = 0
+        self.partial = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        events = []
+        for line in lines:
+            with contextlib.suppress(ValueError):  # the rest of a line begun before we started
+                events.append(json.loads(line))
+        return events
 
 
 @dataclass
@@ -798,13 +846,16 @@ class Harness:
             if number is None:
                 return False
             state, host = self.host_states[number], self.hosts[number]
-            with state.lock, self.injecting(kind, host=host.name):
+            with state.lock, self.injecting(kind, host=host.name) as detail:
                 state.up = False
-                host.crash()
+                self._crash(number, detail)
                 self.stop.wait(rng.uniform(0.5, 2.5))
+                detail["t_restart"] = time.monotonic()
                 self._start_host(number)  # on failure it stays down until _restart_down_hosts
                 state.up = True
             return True
+        if kind == "crash-host-dirty":
+            return self._crash_after_write(rng)
         if kind == "kill-broker":
             with self.broker_lock, self.injecting(kind):
                 self.broker.kill()
@@ -832,6 +883,123 @@ class Harness:
         if kind == "break":
             return self._orphan_and_break(rng, t0)
         raise ValueError(kind)
+
+    def _crash(self, number: int, detail: dict[str, Any]) -> None:
+        """SIGKILL every process of host ``number`` (the caller holds its lock and has marked it
+        down), then note in ``detail`` when it was certainly dead and what the store held then."""
+        host = self.hosts[number]
+        namespace = None
+        with contextlib.suppress(OSError):
+            namespace = os.readlink(f"/proc/{host.pid}/ns/uts")
+        # As a power cut: every process is frozen before any is killed, so that none of them
+        # lives on for a moment to see another one gone (a writer finding its sshfs mount dead).
+        # crash() then waits until they are gone (a second or two: zombies wait to be reaped).
+        victims = host.processes()
+        for action in (psutil.Process.suspend, psutil.Process.kill):
+            for process in victims:
+                with contextlib.suppress(psutil.Error):
+                    action(process)
+        detail["t_killed"] = time.monotonic()
+        host.crash()
+        # A process forked while crash() went through the list escaped it: kill it too, so that
+        # nothing of the host runs after t_crashed.
+        stray = []
+        for process in psutil.process_iter() if namespace else ():
+            with contextlib.suppress(OSError, psutil.Error):
+                if os.readlink(f"/proc/{process.pid}/ns/uts") == namespace:
+                    process.kill()
+                    stray.append(process)
+        psutil.wait_procs(stray, timeout=10)
+        detail["t_crashed"] = time.monotonic()
+        if stray:
+            detail["stray"] = len(stray)
+        detail["store"] = self._store_head()
+
+    def _store_head(self) -> dict[str, int] | None:
+        """The newest published generation and its record count, read (after a crash) straight
+        from the shared directory; None if it cannot be read. See `check_orphans` for its use."""
+        manifests = self.shared / ".dbguard" / "store" / "manifests"
+        try:
+            names = [n for n in os.listdir(manifests) if n.endswith(".json") and n[:-5].isdigit()]
+            if not names:
+                return {"generation": 0, "count": 0}
+            newest = max(names, key=lambda n: int(n[:-5]))
+            body = json.loads((manifests / newest).read_bytes())  # published whole (link of a synced file)
+            return {
+                "generation": int(body["generation"]),
+                "count": int(body["databases"].get(DB_NAME, {}).get("count", 0)),
+            }
+        except FileNotFoundError:
+            return {"generation": 0, "count": 0}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _log(f"could not read the store's newest manifest: {exc}")
+            return None
+
+    def _crash_after_write(self, rng: random.Random) -> bool:
+        """Kill a whole host right after one of its writers was acknowledged an append that no
+        flush of that writer has covered yet, and keep it down past the TTL and the lock-delay.
+
+        The writers' histories (fsynced line by line) are tailed every few milliseconds: the
+        first new line that is an append, with no flush or release recorded after it, fires the
+        crash. Whether the record was still unflushed when the host died (the agent flushes by
+        itself too) is decided by the checker from the store's count read right after the kill
+        (`check_orphans`), not assumed here."""
+        o = self.options
+        tails: dict[Path, _Tail] = {}
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not self.stop.is_set():
+            for slot in self.slots:
+                if slot.role != "writer" or slot.process is None or not self.host_states[slot.host].up:
+                    continue
+                path = self.hosts[slot.host].tmp / f"chaos-{slot.name}-{slot.incarnation}.jsonl"
+                if path not in tails:
+                    tails[path] = _Tail(path)  # from its end as it is now: only new writes count
+                    continue
+                events = [e for e in tails[path].read() if e.get("ev") in ("append", "flush_ok", "release")]
+                if not events or events[-1]["ev"] != "append":
+                    continue
+                append = events[-1]
+                state, host = self.host_states[slot.host], self.hosts[slot.host]
+                with state.lock:  # held by the supervisor for no longer than a client start
+                    if not state.up:
+                        continue
+                    seen = time.monotonic()
+                    fields = {k: append[k] for k in ("seq", "index", "token", "t")}
+                    client = f"{slot.name}.{slot.incarnation}"
+                    with self.injecting(
+                        "crash-host-dirty", host=host.name, client=client, append=fields
+                    ) as detail:
+                        state.up = False
+                        self._crash(slot.host, detail)
+                        detail["seen_after"] = round(seen - append["t"], 4)
+                        detail["killed_after"] = round(detail["t_killed"] - append["t"], 4)
+                        # Long enough for its lease to expire (etcd times that in whole seconds)
+                        # and for a lock-delay to pass: a project wrongly left free shows.
+                        down = o.ttl + o.lock_delay + rng.uniform(1.5, 2.5)
+                        self._stay_down(slot.host, detail["t_killed"] + down, rng)
+                        detail["t_restart"] = time.monotonic()
+                        self._start_host(slot.host)  # on failure it stays down until _restart_down_hosts
+                        state.up = True
+                return True
+            time.sleep(0.005)
+        return False
+
+    def _stay_down(self, number: int, until: float, rng: random.Random) -> None:
+        """Wait while host ``number`` is down, until ``until``; now and then an operator breaks
+        the orphaned project meanwhile (`dbguard break --force` from another host)."""
+        breaks = rng.random() < 0.25
+        orphaned_since = None
+        while not self.stop.is_set() and time.monotonic() < until:
+            if breaks and (self.status() or {}).get("state") == "orphaned":
+                orphaned_since = orphaned_since or time.monotonic()
+            # Not at once: the status poller sees the orphan first, as the checker's figures expect.
+            if orphaned_since is not None and time.monotonic() - orphaned_since >= 0.3:
+                breaks, orphaned_since = False, None
+                try:
+                    self._break(rng, exclude=number, t0=time.monotonic(), frozen=None)
+                except Exception as exc:
+                    self.nemesis_errors.append(f"break while {self.hosts[number].name} was down: {exc}")
+            self.stop.wait(0.1)
 
     def _pause_host(self, number: int, seconds: float, kind: str) -> None:
         state, host = self.host_states[number], self.hosts[number]
@@ -884,7 +1052,7 @@ class Harness:
         while time.monotonic() < deadline and not self.stop.is_set():
             item = self.status() or {}
             writer = item.get("writer") or {}
-            if item.get("state") == "held" and writer.get("unflushed", 0) > 0:
+            if item.get("state") == "held" and (writer.get("dirty") or writer.get("unflushed", 0) > 0):
                 number = next((n for n, h in enumerate(self.hosts) if h.name == writer.get("host")), None)
                 break
             time.sleep(0.05)
@@ -1104,6 +1272,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     store: dict[str, Any] = field(default_factory=dict)
     leases: dict[str, Any] = field(default_factory=dict)
+    orphans: dict[str, Any] = field(default_factory=dict)
 
     def violation(self, invariant: str, text: str) -> None:
         self.violations[invariant].append(text)
@@ -1154,6 +1323,7 @@ def check(workdir: Path, project_dir: Path) -> Report:
     for problem in problems:
         report.violation("5", problem)
     check_kept(clients, run, final, report)
+    check_orphans(clients, status, faults, report)
     return report
 
 
@@ -1278,7 +1448,7 @@ def end_windows(
             and f["t1"] >= after
             and (
                 (f["kind"] == "kill-writer" and f.get("client") == f"{slot}.{incarnation}")
-                or (f["kind"] == "crash-host" and f.get("host") == host_of[name])
+                or (f["kind"] in CRASH_KINDS and f.get("host") == host_of[name])
             )
         ]
         return min(ends, default=float("inf"))
@@ -1309,10 +1479,7 @@ def end_windows(
     for host, starts in agent_starts.items():
         for start in starts:
             windows.add(host, start - 0.2, served.get(host, never).after(start))
-    breaking = [f["t0"] for f in faults if f["ev"] == "breaking"]
-    done = {f["t_break"]: f["t1"] for f in faults if f["ev"] == "fault" and f["kind"] == "break"}
-    for t0 in breaking:
-        windows.breaks.append((t0, done.get(t0, t0 + 60.0)))  # a failed command ran 30 s at most
+    windows.breaks.extend(_break_windows(faults))
     return windows
 
 
@@ -1659,6 +1826,134 @@ def check_kept(
         report.violation("6", f"... and {missing - 20} more appended records are nowhere")
 
 
+def _break_windows(faults: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """When an operator's break may have ended a lease: from before the command until it
+    returned (a command that failed ran 30 s at most)."""
+    done = {f["t_break"]: f["t1"] for f in faults if f["ev"] == "fault" and f["kind"] == "break"}
+    return [(f["t0"], done.get(f["t0"], f["t0"] + 60.0)) for f in faults if f["ev"] == "breaking"]
+
+
+def check_orphans(
+    clients: dict[str, list[dict[str, Any]]],
+    status: list[dict[str, Any]],
+    faults: list[dict[str, Any]],
+    report: Report,
+) -> None:
+    """Invariant 7: a host that died holding acknowledged unflushed records leaves its project
+    orphaned until it comes back or an operator breaks it.
+
+    For each crash of a host H (a fault of CRASH_KINDS): every process of H was alive at the
+    fault's t0 (c0) and dead at its ``t_crashed`` (c1), and nothing ran on H again before
+    ``t_restart`` (r); ``store`` is the newest generation's record count, read right after c1.
+
+    - Stranded records: appends that writers on H recorded before c1 (an append is recorded after
+      it returned, so it was acknowledged before H died) at an index at or above that count. A
+      record is in the store only below the store's count, which never goes down, and the count
+      read after c1 is at least the count at c1: these records were certainly not in the store
+      when H died, and only H can flush them, so they stayed unflushed until r at least. This
+      also accounts for the flushes of H's agent, which no history records: what they covered
+      is below the count. A crash whose ``store`` could not be read is left undecided (noted).
+    - Forbidden while H is down: a grant to a writer on another host whose acquire call began at
+      or after c0 and returned before r (the grant happened in [c0, r]); a status snapshot asked
+      at or after c1 and answered before r showing the project free, in lock-delay, or written
+      by another host. Anything that ends after r is not judged: H may have come back, flushed
+      and released by then.
+    - Excused: an operator's break whose window (`_break_windows`) ends at or after the first
+      grant of the newest token that stranded records were written under (T) and begins before
+      the forbidden event returned. A break that ended before T was granted cannot have ended T.
+      Only T's records are the evidence: older ones may be kept aside after an earlier break of
+      their own lease, and T's alone suffice (if T's writer recorded T while the agent held a
+      later lease, that lease was granted later still, so its breaks excuse too).
+
+    So a violation is certain: a grant or a free project that happened while H was dead, after
+    H had records that were certainly acknowledged and certainly unflushed, with no break that
+    could have come between.
+    """
+    host_of = {
+        name: next((e["host"] for e in events if e["ev"] == "start"), "") for name, events in clients.items()
+    }
+    first_grant: dict[int, float] = {}
+    grants: list[tuple[str, dict[str, Any]]] = []
+    for name, events in clients.items():
+        for e in events:
+            if e["ev"] == "grant":
+                grants.append((name, e))
+                first_grant[e["token"]] = min(first_grant.get(e["token"], e["t0"]), e["t0"])
+    breaks = _break_windows(faults)
+    figures: Counter[str] = Counter()
+    for f in faults:
+        if f["ev"] != "fault" or f["kind"] not in CRASH_KINDS or "t_crashed" not in f:
+            continue
+        figures["host_crashes"] += 1
+        if f.get("store") is None:
+            figures["undecided"] += 1
+            report.notes.append(f"the crash of {f['host']} at {f['t0']:.3f}: the store could not be read")
+            continue
+        host, c0, c1, count = f["host"], f["t0"], f["t_crashed"], f["store"]["count"]
+        back = f.get("t_restart", f["t1"])
+        stranded = [
+            (name, e)
+            for name, events in clients.items()
+            if host_of[name] == host
+            for e in events
+            if e["ev"] == "append" and e["t"] <= c1 and e["index"] >= count
+        ]
+        if not stranded:
+            continue
+        figures["dirty_deaths"] += 1
+        figures["stranded_records"] += len(stranded)
+        token = max(e["token"] for _, e in stranded)
+        evidence = [(name, e) for name, e in stranded if e["token"] == token]
+        since = first_grant.get(token, float("-inf"))  # never unknown: a writer records its grant first
+        last_name, last = max(evidence, key=lambda item: item[1]["t"])
+        what = (
+            f"{host} died in [{c0:.3f}, {c1:.3f}] holding {len(evidence)} acknowledged unflushed records "
+            f"of token {token} (the last: {last_name} seq {last['seq']}, index {last['index']}, "
+            f"acknowledged by {last['t']:.3f}; the store's count was {count}); while it was down "
+            f"(until {back:.3f})"
+        )
+        if any(b1 >= c1 and b0 <= back for b0, b1 in breaks):
+            figures["broken_while_down"] += 1
+        down = [e for e in status if e["s0"] >= c1 and e["s1"] <= back]
+        if any(e["state"] == "orphaned" and (e["writer"] or {}).get("host") == host for e in down):
+            figures["orphaned_seen"] += 1
+        for name, g in sorted(grants, key=lambda item: item[1]["t0"]):
+            if (
+                g["host"] != host
+                and g["t0"] >= c0
+                and g["t1"] <= back
+                and not _excused(breaks, since, g["t1"])
+            ):
+                report.violation(
+                    "7",
+                    f"{what} token {g['token']} was granted to {g['host']} ({name}, acquire over "
+                    f"[{g['t0']:.3f}, {g['t1']:.3f}]) with no break since {since:.3f}",
+                )
+                break
+        for e in down:
+            writer = e["writer"] or {}
+            shown_free = e["state"] in ("free", "lock-delay") or writer.get("host", host) != host
+            if shown_free and not _excused(breaks, since, e["s1"]):
+                report.violation(
+                    "7",
+                    f"{what} the lease service showed the project {e['state']} (writer "
+                    f"{writer.get('host')}, token {e['token']}) over [{e['s0']:.3f}, {e['s1']:.3f}] "
+                    f"with no break since {since:.3f}",
+                )
+                break
+    report.orphans.update({key: figures.get(key, 0) for key in _DEATH_FIGURES})
+    if figures["undecided"]:
+        report.orphans["undecided"] = figures["undecided"]
+
+
+_DEATH_FIGURES = ("host_crashes", "dirty_deaths", "stranded_records", "orphaned_seen", "broken_while_down")
+
+
+def _excused(breaks: list[tuple[float, float]], since: float, until: float) -> bool:
+    """Whether a break may have ended, in [since, until], a lease granted at ``since``."""
+    return any(b1 >= since and b0 <= until for b0, b1 in breaks)
+
+
 # --------------------------------------------------------------------------------------------
 # Command line.
 
@@ -1673,6 +1968,7 @@ def summary(report: Report, harness: Harness | None, seconds: float) -> dict[str
         "errors": dict(report.errors.most_common()),
         "store": report.store,
         "leases": report.leases,
+        "orphans": report.orphans,
         "notes": report.notes,
     }
     if harness is not None:
@@ -1696,6 +1992,7 @@ def render(data: dict[str, Any]) -> str:
     lines += [f"  {count:6}  {text}" for text, count in data["errors"].items()]
     lines.append(f"store: {json.dumps(data['store'])}")
     lines.append(f"leases: {json.dumps(data['leases'])}")
+    lines.append(f"host deaths: {json.dumps(data.get('orphans', {}))}")
     lines += [f"note: {text}" for text in data["notes"]]
     for key in ("nemesis_errors", "client_failures"):
         for text in data.get(key, []):
