@@ -67,10 +67,13 @@ LOCK_NAME = "agent.lock"
 LOG_NAME = "agent.log"
 LEASES_NAME = "leases.json"
 
-# How often the agent looks for a dirty-marked lease whose cache a flush has emptied, and how
-# long after marking one dirty it leaves it be: the writer that asked writes right after the
-# answer, and withdrawing the mark before that would only make it ask again.
-_SETTLE_INTERVAL = 0.2
+# How often the agent looks for a dirty-marked lease whose cache is clean (a database opened
+# for writing and left unwritten; a flush whose SETTLE request was lost), and how long after
+# marking one dirty it leaves it be: the writer that asked writes right after the answer, and
+# withdrawing the mark before that would only make it ask again. Flushes settle at once (the
+# agent's own, and `flush` through AgentOp.SETTLE): looking reads the cache's state, which a
+# busy writer should not pay for every fraction of a second.
+_SETTLE_INTERVAL = 2.0
 _SETTLE_AFTER_MARK = 1.0
 
 
@@ -414,6 +417,8 @@ class Agent:
         except (GuardError, CacheError) as exc:
             self._notice(lease.project, f"flush failed, will retry: {exc}")
             return None
+        with contextlib.suppress(GuardError):
+            self._settle(lease)  # the lease service hears at once that the cache is clean
         if result.records:
             try:
                 if flushing.maintain_store(
@@ -469,6 +474,17 @@ class Agent:
         finally:
             store.close()
         return {"marked": True}
+
+    def _note_unflushed(self, project_id: str, token: int, size: int) -> None:
+        with self._table_lock:
+            lease = self.leases.get(project_id)
+        if lease is None or lease.token != token or lease.state != "held":
+            return
+        reply = self.broker.call(
+            Op.MARK, project=project_id, holder=self.holder.to_json(), token=token, dirty=True, unflushed=size
+        )
+        if reply.get("ok"):
+            lease.marked = True  # a settle that ran in between is undone at the lease service too
 
     def _settle_clean(self) -> None:
         """Tell the lease service that a lease is clean again once a flush (this agent's or a
@@ -593,6 +609,10 @@ class Agent:
                 with self._table_lock:
                     lease = self.leases.get(str(request["project"]))
                 return protocol.reply_ok(req_id, clean=lease is not None and self._settle(lease))
+            if op == AgentOp.NOTE_UNFLUSHED:
+                project_id, token = _project_id(request), int(request["token"])
+                self._note_unflushed(project_id, token, int(request.get("unflushed", 0)))
+                return protocol.reply_ok(req_id)
             if op == AgentOp.MARK_DIRTY:
                 result = self._mark_dirty(
                     _project_id(request), int(request["token"]), int(request.get("unflushed", 0))

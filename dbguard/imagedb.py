@@ -30,6 +30,7 @@ from cache import CacheError, CacheStore, Reader
 from dbguard import local_agent
 from dbguard import project as projects
 from dbguard.errors import (
+    GuardError,
     LeaseHeld,
     LeaseLost,
     UsageError,
@@ -77,12 +78,22 @@ class ImageDB:
         self._guard = WriterGuard(self._cache_root, project)
         self._cache: CacheStore | None = None
         self._writers_fd: int | None = None
+        # Marked dirty at open with no size: the first write tells the agent its size (without
+        # waiting for the lease service), so that `status` can say how much a dead host strands.
+        self._size_unreported = False
         if mode != "r":
             self._guard.check()
             self._open_cache(gated=True)
             self._writers_fd = self._hold_writers_lock()
             assert self._cache is not None
             self._cache.raise_count(name, self._view.count(name))
+            # Opening to write is the intent to write: mark the lease dirty now, so that the first
+            # append costs what the others do (no round trip to the agent and the lease service
+            # inside the caller's write loop). A database opened and left unwritten is marked
+            # clean again by the agent a moment later.
+            if not self._announced():
+                self._announce(0)
+                self._size_unreported = True
         else:
             # Not GuardError: a damaged cache is an error, not a reason to show fewer records.
             with contextlib.suppress(LeaseHeld, LeaseLost):
@@ -179,8 +190,29 @@ class ImageDB:
         transition, none per record."""
         cache = self._writable()
         try:
-            return write_announced(lambda: write(cache), self._announce, size)
+            result = write_announced(lambda: write(cache), self._announce, size)
         except CacheError as exc:  # a full disk, a damaged environment: the API raises GuardErrors
+            raise from_cache_error(exc) from exc
+        if self._size_unreported:
+            self._size_unreported = False
+            self._report_size(size)
+        return result
+
+    def _report_size(self, size: int) -> None:
+        """Informational only (the lease is already dirty): a failure changes nothing."""
+        lease = self._guard.check()
+        agent = local_agent.running(self._settings)
+        if agent is not None:
+            with agent, contextlib.suppress(GuardError):
+                agent.call_ok(
+                    AgentOp.NOTE_UNFLUSHED, project=self.project.id, token=int(lease["token"]), unflushed=size
+                )
+
+    def _announced(self) -> bool:
+        assert self._cache is not None
+        try:
+            return self._cache.announced()
+        except CacheError as exc:
             raise from_cache_error(exc) from exc
 
     def _announce(self, size: int) -> None:

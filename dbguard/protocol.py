@@ -64,6 +64,9 @@ class AgentOp(StrEnum):
     # A flush has just emptied the project's cache: mark the lease clean now, not at the agent's
     # next look, so that a host that dies right after a successful flush frees its project.
     SETTLE = "settle"
+    # How many bytes a lease marked dirty at open now holds. The dirty mark is already durable,
+    # so the lease service needs no disk sync for it: a cheap round trip.
+    NOTE_UNFLUSHED = "note-unflushed"
 
 
 class ErrorKind(StrEnum):
