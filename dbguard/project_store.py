@@ -207,8 +207,14 @@ class Entry:
             _text(attrs, "attrs")
             for n in shape:
                 _count(n, "dimension")
-        if record_dtype(dtype).itemsize * math.prod(shape) != length:
+        items = math.prod(shape)
+        if record_dtype(dtype).itemsize * items != length:
             raise ValueError(f"record {index} of {db!r}: {length} bytes do not hold {shape} {dtype}")
+        # The length bounds the items only where they have a size: of a dtype whose items have
+        # none ("V0"), any number fit in no bytes, yet numpy counts an array's items in a signed
+        # 64-bit integer (np.empty((3, 2**62), "V0").size is negative; frombuffer overflows).
+        if items >= _LIMIT:
+            raise ValueError(f"record {index} of {db!r}: shape {shape} holds more than {_LIMIT - 1} items")
         return cls(db, index, _segment_name(segment), offset, length, dtype, tuple(shape), crc, attrs)
 
 
@@ -354,6 +360,10 @@ def record_dtype(name: str) -> np.dtype[Any]:
         raise ValueError(f"dtype {name!r} is not a numpy dtype") from exc
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise ValueError(f"dtype {name!r} is not one a record can have")
+    # Strings of no length: numpy makes no array of them (it gives "S" one byte), so no record
+    # has them. Void items of no size it does make (np.zeros(3, "V0")), and a record can hold.
+    if dtype.itemsize == 0 and dtype.kind != "V":
+        raise ValueError(f"dtype {name!r} has items of no size, which no array has")
     return dtype
 
 
@@ -786,8 +796,12 @@ class ProjectStore:
     @_reads_segment
     def read_payload(self, entry: Entry, path: Path | None = None) -> bytes:
         with open(path or self.segment_path(entry.segment), "rb") as handle:
-            handle.seek(entry.offset)
-            payload = handle.read(entry.length)
+            # An index may name any length (below 2**63): read(n) makes room for n bytes first,
+            # so a record that does not fit in the file is not read at all.
+            payload = b""
+            if entry.offset + entry.length <= os.fstat(handle.fileno()).st_size:
+                handle.seek(entry.offset)
+                payload = handle.read(entry.length)
         if len(payload) != entry.length or record_crc(payload, entry.attrs) != entry.crc:
             raise IntegrityError(
                 f"record {entry.index} of {entry.db!r} in segment {path or self.segment_path(entry.segment)} "

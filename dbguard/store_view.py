@@ -88,10 +88,15 @@ class StoreView:
     def array(self, entry: Entry) -> NDArray[Any]:
         """A read-only, zero-copy view of the record in the verified local copy."""
         mapped = self._checked_map(entry)
+        dtype = record_dtype(entry.dtype)
+        if dtype.itemsize == 0:
+            # Void items of no size (np.zeros(3, "V0"), which the cache keeps as any record):
+            # numpy's frombuffer refuses them, and there are no bytes to share.
+            empty = np.empty(entry.shape, dtype=dtype)
+            empty.flags.writeable = False
+            return empty
         count = math.prod(entry.shape)
-        return np.frombuffer(
-            mapped, dtype=record_dtype(entry.dtype), count=count, offset=entry.offset
-        ).reshape(entry.shape)
+        return np.frombuffer(mapped, dtype=dtype, count=count, offset=entry.offset).reshape(entry.shape)
 
     def attrs(self, entry: Entry) -> dict[str, Any]:
         try:
