@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,3 +143,22 @@ def shared(tmp_path: Path) -> Path:
     path = tmp_path / "export" / "proj"
     path.mkdir(parents=True)
     return path
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str = "2m") -> Iterator[Path]:
+    """A small tmpfs at ``directory``: a filesystem that really runs out of space (needs root)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        _fail_or_skip(f"mounting a small tmpfs needs root: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(directory)], capture_output=True, check=False)

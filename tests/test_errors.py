@@ -48,6 +48,7 @@ from dbguard.project import init as init_project
 from dbguard.project_store import PendingRecord, ProjectStore
 from dbguard.protocol import AgentOp, ErrorKind
 from dbguard.settings import load
+from tests.conftest import small_tmpfs
 from tools.testbed import Host, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -471,27 +472,6 @@ def read_only(path: Path) -> Iterator[None]:
         subprocess.run(["umount", str(path)], check=True)
 
 
-@contextlib.contextmanager
-def tmpfs(directory: Path, size: str = "2m") -> Iterator[Path]:
-    """A small tmpfs at ``directory``: a filesystem that really runs out of space."""
-    directory.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        if ON_CI:
-            pytest.fail(f"cannot mount a tmpfs on CI: {mounted.stderr.strip()}")
-        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.strip()}")
-    try:
-        yield directory
-    finally:
-        if subprocess.run(["umount", str(directory)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(directory)], capture_output=True, check=False)
-
-
 def test_a_read_only_share_is_a_refusal_with_its_own_exit_code_not_a_request_to_flush_again(
     hosts: dict[str, Host], project: Path, tmp_path: Path
 ) -> None:
@@ -533,7 +513,7 @@ def test_a_full_share_is_a_refusal_that_names_the_path_and_the_errno(
     hosts: dict[str, Host], tmp_path: Path
 ) -> None:
     a = hosts["a"]
-    with tmpfs(tmp_path / "tiny-share") as share:
+    with small_tmpfs(tmp_path / "tiny-share") as share:
         project = share / "project"
         project.mkdir()
         assert a.run("acquire", str(project)).returncode == 0
@@ -579,7 +559,7 @@ def test_a_full_cache_disk_is_a_guard_error_naming_the_cache_and_the_fix(
     host = Host("host-f", tmp_path / "hosts", broker, flush_interval="3600")
     other = tmp_path / "shared" / "other"
     other.mkdir()
-    with tmpfs(host.cache) as cache_dir:
+    with small_tmpfs(host.cache) as cache_dir:
         try:
             assert host.run("acquire", str(project)).returncode == 0
             full = probe_on(
@@ -607,7 +587,7 @@ def test_a_full_cache_disk_is_a_guard_error_naming_the_cache_and_the_fix(
 
 
 def test_cache_full_is_raised_by_the_cache_itself_on_a_full_disk(tmp_path: Path) -> None:
-    with tmpfs(tmp_path / "tiny-cache") as directory:
+    with small_tmpfs(tmp_path / "tiny-cache") as directory:
         root = cache.prepare_cache_dir(directory / "c")
         with cache.CacheStore(root, "p1") as store, pytest.raises(cache.CacheFull) as caught:
             for n in range(100):

@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import traceback
@@ -39,6 +38,7 @@ from dbguard.flushing import flush_project, list_aside, verify_cache_in_store
 from dbguard.project import Project
 from dbguard.project import init as init_project
 from dbguard.project_store import PendingRecord, ProjectStore, record_crc
+from tests.conftest import small_tmpfs
 
 ON_CI = os.environ.get("CI") == "true"
 SIDES = (64, 96, 128, 192, 256)  # float32 images of 16 KiB to 256 KiB
@@ -429,27 +429,8 @@ def test_a_cache_whose_creator_was_killed_before_its_first_commit_does_not_block
 @pytest.fixture
 def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: a project directory that really runs out of space."""
-    directory = tmp_path / "tiny"
-    directory.mkdir()
-    if os.geteuid() != 0:
-        if ON_CI:
-            pytest.fail("CI runs as root and must run the full-filesystem test")
-        pytest.skip("mounting a small tmpfs to fill up needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(directory)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        if ON_CI:
-            pytest.fail(f"cannot mount a tmpfs on CI: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "tiny") as directory:
         yield directory
-    finally:
-        if subprocess.run(["umount", str(directory)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(directory)], capture_output=True, check=False)
 
 
 def _free_bytes(path: Path) -> int:
