@@ -3,8 +3,8 @@
 This package imports nothing from ``dbguard``: it knows nothing of leases.
 """
 
-from cache.errors import CacheCorrupt, CacheError, CacheFull, DirtyNotAnnounced, UnsafeCacheLocation
-from cache.location import (
+from .errors import CacheCorrupt, CacheError, CacheFull, DirtyNotAnnounced, UnsafeCacheLocation
+from .location import (
     NETWORK_FILESYSTEMS,
     MountEntry,
     check_not_network,
@@ -14,7 +14,7 @@ from cache.location import (
     mount_table,
     prepare_cache_dir,
 )
-from cache.store import (
+from .store import (
     DEFAULT_MAP_SIZE,
     CacheStore,
     DirtyEntry,

@@ -22,7 +22,7 @@ from pathlib import Path
 # No stubs for psutil in the dev environment; the ignore stays harmless if they appear.
 import psutil  # type: ignore[import-untyped, unused-ignore]
 
-from cache.errors import UnsafeCacheLocation
+from .errors import UnsafeCacheLocation
 
 NETWORK_FILESYSTEMS: frozenset[str] = frozenset(
     {

@@ -57,8 +57,8 @@ import lmdb
 import numpy as np
 from numpy.typing import NDArray
 
-from cache.errors import CacheCorrupt, CacheError, CacheFull, DirtyNotAnnounced
-from cache.lmdb_file import missing_pages
+from .errors import CacheCorrupt, CacheError, CacheFull, DirtyNotAnnounced
+from .lmdb_file import missing_pages
 
 __all__ = [
     "DEFAULT_MAP_SIZE",

@@ -4,6 +4,7 @@ The public names are handed on from the modules that define them.
 """
 
 from dbguard.api import acquire, break_lease, clear, flush, init, open, release, status
+from dbguard.data.imagedb import ImageDB
 from dbguard.errors import (
     BrokerUnavailable,
     CacheDiskFull,
@@ -20,7 +21,6 @@ from dbguard.errors import (
     UnsafeCachePath,
     UsageError,
 )
-from dbguard.imagedb import ImageDB
 
 __all__ = [
     "BrokerUnavailable",

@@ -17,11 +17,15 @@ from typing import Any
 import numpy as np
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
 
-from cache import CacheStore, UnsafeCacheLocation, check_not_network
-from dbguard import flushing, local_agent
-from dbguard import project as projects
-from dbguard.agent import read_saved_leases
-from dbguard.client import Client
+from dbguard.agent import local as local_agent
+from dbguard.agent.server import read_saved_leases
+from dbguard.cache import CacheStore, UnsafeCacheLocation, check_not_network
+from dbguard.data import flushing
+from dbguard.data import project as projects
+from dbguard.data.imagedb import ImageDB, writers_lock_path
+from dbguard.data.imagedb import open as open_imagedb
+from dbguard.data.store import ProjectStore
+from dbguard.data.view import StoreView
 from dbguard.errors import (
     BrokerUnavailable,
     GuardError,
@@ -34,15 +38,12 @@ from dbguard.errors import (
     UsageError,
     cache_errors_translated,
 )
-from dbguard.imagedb import ImageDB, writers_lock_path
-from dbguard.imagedb import open as open_imagedb
-from dbguard.keys import is_loopback
-from dbguard.lease_service import for_broker
-from dbguard.leases import LeaseState
-from dbguard.project_store import ProjectStore
-from dbguard.protocol import AgentOp, Op
+from dbguard.lease.client import Client
+from dbguard.lease.keys import is_loopback
+from dbguard.lease.protocol import AgentOp, Op
+from dbguard.lease.rules import LeaseState
+from dbguard.lease.service import for_broker
 from dbguard.settings import Settings, load
-from dbguard.store_view import StoreView
 from dbguard.units import human_size
 
 # How often a queued acquire asks again; well inside a TTL, so the queue slot stays alive.

@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 
 import click
 
-from cache import CacheError
-from dbguard import api, local_agent
+from dbguard import api
+from dbguard.agent import local as local_agent
+from dbguard.cache import CacheError
 from dbguard.errors import (
     AgentAlreadyRunning,
     BrokerUnavailable,
@@ -28,10 +29,10 @@ from dbguard.errors import (
     UsageError,
     from_cache_error,
 )
-from dbguard.keys import authorize, broker_keys, exposure_warning, init_broker, init_client
-from dbguard.lease_service import for_broker
-from dbguard.leases import Timing
-from dbguard.protocol import AgentOp, Op
+from dbguard.lease.keys import authorize, broker_keys, exposure_warning, init_broker, init_client
+from dbguard.lease.protocol import AgentOp, Op
+from dbguard.lease.rules import Timing
+from dbguard.lease.service import for_broker
 from dbguard.settings import Settings, load
 from dbguard.units import human_size
 
@@ -115,7 +116,7 @@ def broker(
     ready_file: Path | None,
 ) -> None:
     """Run the lease broker in the foreground."""
-    from dbguard import broker as broker_module
+    from dbguard.lease import broker as broker_module
 
     settings = load({"broker": address, "state": state, "ttl": ttl, "lock_delay": lock_delay, "grace": grace})
     _log_to_stderr()
@@ -144,7 +145,7 @@ def _bind_address(address: str) -> str:
 @_common
 def agent(settings: Settings) -> None:
     """Run this host's agent in the foreground (commands start one on demand)."""
-    from dbguard.agent import Agent
+    from dbguard.agent.server import Agent
 
     _log_to_stderr()
     directory = local_agent.cache_dir(settings)
@@ -200,8 +201,8 @@ def up(settings: Settings, as_json: bool, use_etcd: bool) -> None:
 def _start_etcd(settings: Settings) -> tuple[bool, Settings]:
     """A local three-member etcd cluster in the state directory, started unless it runs; the
     site's timing is stored in it, and the settings returned point at it."""
-    from dbguard.etcd_leases import configure
-    from dbguard.local_etcd import EtcdCluster, etcd_unavailable
+    from dbguard.lease.etcd import configure
+    from dbguard.lease.etcd_cluster import EtcdCluster, etcd_unavailable
 
     directory = settings.state / "etcd"
     cluster = EtcdCluster.existing(directory)
@@ -287,7 +288,7 @@ def down(settings: Settings, as_json: bool) -> None:
         stopped.append("agent")
     etcd_dir = settings.state / "etcd"
     if (etcd_dir / "cluster.json").exists():
-        from dbguard.local_etcd import EtcdCluster
+        from dbguard.lease.etcd_cluster import EtcdCluster
 
         cluster = EtcdCluster.existing(etcd_dir)
         if cluster is not None and cluster.running():

@@ -31,8 +31,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
-from cache.errors import CacheCorrupt, CacheError, CacheFull, UnsafeCacheLocation
-from dbguard.protocol import ErrorKind, reply_error
+from dbguard.cache.errors import CacheCorrupt, CacheError, CacheFull, UnsafeCacheLocation
+from dbguard.lease.protocol import ErrorKind, reply_error
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cache import default_cache_dir
+from dbguard.cache import default_cache_dir
 from dbguard.errors import UsageError
 
 DEFAULT_PORT = 7390
@@ -112,7 +112,7 @@ def _convert(name: str, value: Any, origin: str) -> Any:
             raise UsageError(f"{origin}: '{name}' must be a path, and {value!r} holds a NUL character")
         return Path(value).expanduser()
     if name == "broker" and value.startswith("etcd://"):
-        from dbguard.etcd_leases import EtcdAddress  # only a site with etcd pays for its client
+        from dbguard.lease.etcd import EtcdAddress  # only a site with etcd pays for its client
 
         try:
             EtcdAddress.parse(value)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dbguard.local_etcd import EtcdCluster, etcd_unavailable
+from dbguard.lease.etcd_cluster import EtcdCluster, etcd_unavailable
 from tools.sshfs import SshServer
 from tools.testbed import BrokerProcess, EtcdBackend, Host, LeaseBackend, SimHost, namespaces_unavailable
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dbguard import keys
-from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable, UsageError
+from dbguard.lease import keys
+from dbguard.lease.client import Client
 from tests.conftest import LOCK_DELAY, TTL
 from tools.testbed import BrokerProcess
 

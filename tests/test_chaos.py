@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dbguard.local_etcd import etcd_unavailable
+from dbguard.lease.etcd_cluster import etcd_unavailable
 from tools import chaos
 from tools.sshfs import sshfs_unavailable
 from tools.testbed import namespaces_unavailable

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cache import CacheStore
-from dbguard import flushing, uncached
-from dbguard.project import Project
-from dbguard.project import init as init_project
-from dbguard.project_store import ProjectStore
+from dbguard.cache import CacheStore
+from dbguard.data import flushing, uncached
+from dbguard.data.project import Project
+from dbguard.data.project import init as init_project
+from dbguard.data.store import ProjectStore
 from tests.test_data_e2e import dbguard_json, read_all, script, write_images
 from tools.sshfs import SshServer, sshfs_unavailable
 from tools.testbed import BrokerProcess, Host, SimHost, namespaces_unavailable, wait_for
@@ -243,8 +243,8 @@ def test_clear_keeps_the_cache_and_the_lease_when_the_share_damages_the_reflush_
         a,
         f"""
         import json, dbguard
-        from dbguard import flushing
-        from dbguard.project_store import ProjectStore
+        from dbguard.data import flushing
+        from dbguard.data.store import ProjectStore
         real = flushing.verify_cache_in_store
 
         def on_a_bad_share(cache_root, project, only=None):

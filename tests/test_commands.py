@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from dbguard import protocol, settings
+from dbguard import settings
 from dbguard.errors import LeaseHeld, UsageError
+from dbguard.lease import protocol
 from tools.testbed import BrokerProcess, Host, free_port
 
 

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-import cache
 import dbguard
-from cache.errors import CacheError
-from dbguard import protocol
-from dbguard.agent import socket_address
-from dbguard.client import Client
+from dbguard import cache
+from dbguard.agent.server import socket_address
+from dbguard.cache.errors import CacheError
+from dbguard.data.project import init as init_project
+from dbguard.data.store import PendingRecord, ProjectStore
 from dbguard.errors import (
     CacheDiskFull,
     ExitCode,
@@ -44,9 +44,9 @@ from dbguard.errors import (
     from_cache_error,
     from_reply,
 )
-from dbguard.project import init as init_project
-from dbguard.project_store import PendingRecord, ProjectStore
-from dbguard.protocol import AgentOp, ErrorKind
+from dbguard.lease import protocol
+from dbguard.lease.client import Client
+from dbguard.lease.protocol import AgentOp, ErrorKind
 from dbguard.settings import load
 from tests.conftest import small_tmpfs
 from tools.testbed import Host, free_port, wait_for
@@ -202,8 +202,8 @@ def test_the_readme_lists_every_error_class_with_its_exit_code() -> None:
 # the real socket, the real `_answer` and the real client (test code only; no product switch).
 RAISING_AGENT = textwrap.dedent(
     """
-    from cache import prepare_cache_dir
-    from dbguard.agent import Agent
+    from dbguard.cache import prepare_cache_dir
+    from dbguard.agent.server import Agent
     from dbguard.settings import load
     from tests.test_errors import all_cache_errors, all_guard_errors, sample
 

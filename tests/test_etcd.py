@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from dbguard.errors import UsageError
-from dbguard.etcd_leases import EtcdAddress, EtcdLeases
-from dbguard.local_etcd import EtcdCluster
+from dbguard.lease.etcd import EtcdAddress, EtcdLeases
+from dbguard.lease.etcd_cluster import EtcdCluster
 from tests.conftest import TTL
 from tests.test_leases_e2e import project_state
 from tools.testbed import EtcdBackend, Host, wait_for

@@ -8,7 +8,7 @@ is too large), answers a repeated request id with the very reply it gave the fir
 meanwhile keeps serving a well-behaved client whose tokens keep increasing.
 
 Hypothesis draws the messages. `SCHEMA` below is the oracle: the request format written out
-from the protocol's documentation, independently of the code in `dbguard.protocol`.
+from the protocol's documentation, independently of the code in `dbguard.lease.protocol`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
-from dbguard import protocol
-from dbguard.client import Client
+from dbguard.lease import protocol
+from dbguard.lease.client import Client
 from tests.conftest import TTL
 from tools.testbed import BrokerProcess
 

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cache import CacheStore
-from dbguard.client import Client
-from dbguard.project import Project
-from dbguard.project import init as init_project
-from dbguard.project_store import PendingRecord, ProjectStore
+from dbguard.cache import CacheStore
+from dbguard.data.project import Project
+from dbguard.data.project import init as init_project
+from dbguard.data.store import PendingRecord, ProjectStore
+from dbguard.lease.client import Client
 from tests.conftest import LOCK_DELAY, TTL
 from tools.testbed import BrokerProcess, Host, free_port
 

@@ -1,4 +1,4 @@
-"""Property tests of the lease state machine (dbguard/leases.py) against DESIGN.md's rules.
+"""Property tests of the lease state machine (dbguard/lease/rules.py) against DESIGN.md's rules.
 
 A model kept in this file predicts every decision from what the test itself did: who was granted
 which token and when, the deadlines that follow from the TTL, and what each holder last reported
@@ -23,7 +23,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from dbguard.leases import Decision, Holder, LeaseState, LeaseTable, Timing
+from dbguard.lease.rules import Decision, Holder, LeaseState, LeaseTable, Timing
 
 ANN = Holder("alpha", "ann", "agent-1", "/tmp/dbguard-ann")
 # The same user, host and cache with a new agent id: ann's agent restarted and reclaims her leases.
@@ -53,7 +53,7 @@ FLOOR_CHOICES = ["zero", "newest", "above", "below"]
 
 
 def restart_table(timing: Timing, records: list[dict[str, Any]], now: float) -> LeaseTable:
-    """A fresh table loaded the way the broker loads one (dbguard/broker.py, Broker.__init__)."""
+    """A fresh table loaded the way the broker loads one (dbguard/lease/broker.py, Broker.__init__)."""
     table = LeaseTable(timing)
     table.load(copy.deepcopy(records), now)
     live = any(r["state"] in (LeaseState.HELD, LeaseState.LOCK_DELAY) for r in records)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cache import CacheStore
+from dbguard.cache import CacheStore
 from tests.conftest import LOCK_DELAY, TTL
 from tools.testbed import EtcdBackend, Host, LeaseBackend, wait_for
 

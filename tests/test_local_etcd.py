@@ -19,9 +19,9 @@ import pytest
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 
-from dbguard import local_etcd
 from dbguard.errors import EtcdClusterError
-from dbguard.local_etcd import EtcdCluster, etcd_unavailable
+from dbguard.lease import etcd_cluster as local_etcd
+from dbguard.lease.etcd_cluster import EtcdCluster, etcd_unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +175,7 @@ def test_a_detached_cluster_is_found_from_its_directory_stopped_and_restarted(
             [
                 sys.executable,
                 "-c",
-                "import sys; from pathlib import Path; from dbguard.local_etcd import EtcdCluster;"
+                "import sys; from pathlib import Path; from dbguard.lease.etcd_cluster import EtcdCluster;"
                 "found = EtcdCluster.existing(Path(sys.argv[1])); assert found is not None;"
                 "print(found.running(), found.leader() is not None, found.endpoints)",
                 str(directory),

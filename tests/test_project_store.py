@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dbguard.data.store import ALIGN, PendingRecord, ProjectStore
+from dbguard.data.view import StoreView
 from dbguard.errors import Fenced, IntegrityError
-from dbguard.project_store import ALIGN, PendingRecord, ProjectStore
-from dbguard.store_view import StoreView
 
 PROJECT_ID = "6f1c6d1e-0000-4000-8000-000000000001"
 

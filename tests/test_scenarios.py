@@ -260,7 +260,9 @@ def test_9_a_paused_writer_is_fenced_when_it_wakes(make_host: MakeHost, shared: 
         textwrap.dedent(
             f"""
             import json, os, time, dbguard
-            from dbguard import flushing, local_agent, project
+            from dbguard.data import flushing
+            from dbguard.agent import local as local_agent
+            from dbguard.data import project
             from dbguard.settings import load
             root = local_agent.cache_dir(load())
             token = json.loads((root / "leases.json").read_text())[0]["token"]

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from cache import UnsafeCacheLocation, prepare_cache_dir
+from dbguard.cache import UnsafeCacheLocation, prepare_cache_dir
+from dbguard.data.project import init as init_project
+from dbguard.data.store import PendingRecord, ProjectStore, record_crc
 from dbguard.errors import ExitCode, GuardError
-from dbguard.project import init as init_project
-from dbguard.project_store import PendingRecord, ProjectStore, record_crc
 from tools.sshfs import Mount, SshServer, sshfs_unavailable
 from tools.testbed import BrokerProcess
 

@@ -32,12 +32,12 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from cache import CacheStore, prepare_cache_dir
+from dbguard.cache import CacheStore, prepare_cache_dir
+from dbguard.data.flushing import flush_project, list_aside, verify_cache_in_store
+from dbguard.data.project import Project
+from dbguard.data.project import init as init_project
+from dbguard.data.store import PendingRecord, ProjectStore, record_crc
 from dbguard.errors import Fenced, GuardError
-from dbguard.flushing import flush_project, list_aside, verify_cache_in_store
-from dbguard.project import Project
-from dbguard.project import init as init_project
-from dbguard.project_store import PendingRecord, ProjectStore, record_crc
 from tests.conftest import small_tmpfs
 
 ON_CI = os.environ.get("CI") == "true"

@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 
-from dbguard import broker as broker_module
-from dbguard import keys
-from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable, UsageError
-from dbguard.etcd_leases import EtcdLeases, configure
-from dbguard.lease_store import LmdbLeaseStore
-from dbguard.leases import Timing
+from dbguard.lease import broker as broker_module
+from dbguard.lease import keys
+from dbguard.lease.client import Client
+from dbguard.lease.etcd import EtcdLeases, configure
+from dbguard.lease.rules import Timing
+from dbguard.lease.store import LmdbLeaseStore
 from tests.conftest import LOCK_DELAY, TTL
 from tools.testbed import BrokerProcess, EtcdBackend, free_port
 

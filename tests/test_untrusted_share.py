@@ -38,13 +38,13 @@ from hypothesis import strategies as st
 from zlib_ng.zlib_ng import crc32
 
 import dbguard
-from cache import CacheStore
 from dbguard import api
-from dbguard import flushing as flushing_module
+from dbguard.cache import CacheStore
+from dbguard.data import flushing as flushing_module
+from dbguard.data.project import init as init_project
+from dbguard.data.project import write_writer_record
+from dbguard.data.store import ProjectStore, _crc_json, record_crc
 from dbguard.errors import ExitCode, GuardError
-from dbguard.project import init as init_project
-from dbguard.project import write_writer_record
-from dbguard.project_store import ProjectStore, _crc_json, record_crc
 from dbguard.settings import Settings
 from tests.conftest import TTL
 from tests.test_integrity import (
@@ -63,7 +63,7 @@ from tests.test_integrity import (
 )
 from tools.testbed import BrokerProcess, Host, wait_for
 
-TRAILER = struct.Struct("<8sIQQI")  # a segment's trailer (project_store._TRAILER)
+TRAILER = struct.Struct("<8sIQQI")  # a segment's trailer (data.store._TRAILER)
 
 
 def shared(tmp_path: Path, *names: str) -> list[Path]:

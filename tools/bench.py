@@ -210,7 +210,7 @@ def machine() -> list[tuple[str, str]]:
     temp = tempfile.gettempdir()
     try:
         import_path()
-        from cache.location import find_mount
+        from dbguard.cache.location import find_mount
 
         mount = find_mount(temp)
         found.append(

@@ -72,11 +72,11 @@ from bench_lease import running_broker
 from numpy.typing import NDArray
 
 import dbguard
-from cache import DEFAULT_MAP_SIZE
-from dbguard import local_agent
-from dbguard.flushing import drop_cache
-from dbguard.imagedb import ImageDB
-from dbguard.protocol import AgentOp
+from dbguard.agent import local as local_agent
+from dbguard.cache import DEFAULT_MAP_SIZE
+from dbguard.data.flushing import drop_cache
+from dbguard.data.imagedb import ImageDB
+from dbguard.lease.protocol import AgentOp
 from dbguard.settings import Settings, load
 
 log = logging.getLogger("bench.data")

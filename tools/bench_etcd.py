@@ -5,7 +5,7 @@ Three ways to take and give back exclusive write access to one project, each dur
 is answered:
 
 - *embedded*: ``acquire`` + ``release`` sent to a real `dbguard broker` (LMDB, synced).
-- *etcd store*: the same two requests answered by `dbguard.etcd_leases.EtcdLeases` on a real
+- *etcd store*: the same two requests answered by `dbguard.lease.etcd.EtcdLeases` on a real
   three-member etcd cluster on loopback (each member syncs its log to disk).
 - *plain etcd lock*: what a site could do with etcd alone, through the same HTTP client
   (etcd3gw's): grant an etcd lease, create the lock key bound to it only if absent, delete the
@@ -47,9 +47,9 @@ from typing import Any
 from bench_lease import cycle, holder, running_broker
 from etcd3gw.client import Etcd3Client
 
-from dbguard.client import Client
-from dbguard.etcd_leases import EtcdAddress, EtcdLeases, configure
-from dbguard.local_etcd import EtcdCluster, etcd_unavailable
+from dbguard.lease.client import Client
+from dbguard.lease.etcd import EtcdAddress, EtcdLeases, configure
+from dbguard.lease.etcd_cluster import EtcdCluster, etcd_unavailable
 
 log = logging.getLogger("bench.etcd")
 

@@ -1,7 +1,7 @@
 """Benchmark section `lease`: the cost of a durable acquire + release cycle on a real broker.
 
 A broker process is started on a free port with its state in a temporary directory, exactly as
-an operator would run it, and driven with `dbguard.client.Client`. A cycle is one ``acquire``
+an operator would run it, and driven with `dbguard.lease.client.Client`. A cycle is one ``acquire``
 of a free project followed by its ``release``; the grant is synced to disk before it is
 answered, so a cycle costs at least one fdatasync of the state directory's filesystem, which is
 measured in the same run (``lease.fsync_ms``) to explain the figures.
@@ -50,9 +50,9 @@ from typing import Any, NamedTuple
 
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only if types-psutil is installed
 
-from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable
-from dbguard.lease_service import LeaseService
+from dbguard.lease.client import Client
+from dbguard.lease.service import LeaseService
 
 log = logging.getLogger("bench.lease")
 

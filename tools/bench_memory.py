@@ -63,11 +63,11 @@ from bench_data import isolated_environ, quietly, stop_agent
 from bench_lease import running_broker
 
 import dbguard
-from cache import CacheStore
-from dbguard import local_agent
-from dbguard.flushing import drop_cache
-from dbguard.project_store import ProjectStore
-from dbguard.protocol import AgentOp
+from dbguard.agent import local as local_agent
+from dbguard.cache import CacheStore
+from dbguard.data.flushing import drop_cache
+from dbguard.data.store import ProjectStore
+from dbguard.lease.protocol import AgentOp
 from dbguard.settings import Settings, load
 
 log = logging.getLogger("bench.memory")

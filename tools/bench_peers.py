@@ -64,7 +64,7 @@ Locking (``<baseline's cycle> / <ours>``, higher is better):
   "exists" for the two links the server really has. ``peers.flufl_unmodified_works`` records
   whether unmodified flufl.lock completed a cycle on this mount (1) or not (0).
 - ``peers.lock_vs_flufl_broker``: flufl.lock's cycle against a bare broker cycle (``acquire`` +
-  ``release`` sent with `dbguard.client.Client`, no agent, no share), the cost of the lease
+  ``release`` sent with `dbguard.lease.client.Client`, no agent, no share), the cost of the lease
   itself.
 
 Raw figures, medians over repetitions: ``peers.ours_write_s``, ``peers.ours_append_s``,
@@ -98,10 +98,10 @@ from bench_lease import cycle, holder
 from numpy.typing import NDArray
 
 import dbguard
-from dbguard import local_agent
-from dbguard.client import Client
-from dbguard.durable import fsync_dir
-from dbguard.flushing import drop_cache
+from dbguard.agent import local as local_agent
+from dbguard.data.durable import fsync_dir
+from dbguard.data.flushing import drop_cache
+from dbguard.lease.client import Client
 from tools.sshfs import SshServer, sshfs_unavailable
 
 log = logging.getLogger("bench.peers")

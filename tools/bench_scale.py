@@ -80,8 +80,8 @@ import zmq
 from bench_lease import TTL, percentile, running_broker
 from numpy.typing import NDArray
 
-from dbguard import protocol
-from dbguard.client import Client
+from dbguard.lease import protocol
+from dbguard.lease.client import Client
 from dbguard.settings import Settings
 
 log = logging.getLogger("bench.scale")

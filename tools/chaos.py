@@ -503,8 +503,8 @@ class Harness:
     # ---------------------------------------------------------------- set-up
 
     def setup(self) -> None:
-        from dbguard import project as projects
-        from dbguard.local_etcd import EtcdCluster
+        from dbguard.data import project as projects
+        from dbguard.lease.etcd_cluster import EtcdCluster
         from tools.sshfs import SshServer
         from tools.testbed import BrokerProcess, EtcdBackend, SimHost
 
@@ -662,7 +662,7 @@ class Harness:
 
     def _status_poller(self) -> None:
         """The broker's view over time: a status snapshot every 0.1 s, with when it was asked."""
-        from dbguard.protocol import Op
+        from dbguard.lease.protocol import Op
 
         history = History(self.status_path)
         with self.lease_service(timeout=0.8) as client:
@@ -685,7 +685,7 @@ class Harness:
 
     def lease_service(self, timeout: float) -> Any:
         """A connection to the lease service the hosts use, broker or etcd."""
-        from dbguard.lease_service import for_broker
+        from dbguard.lease.service import for_broker
         from dbguard.settings import load
 
         settings = load({"broker": self.broker.address, "request_timeout": timeout}, environ={})
@@ -718,7 +718,7 @@ class Harness:
     # ---------------------------------------------------------------- nemesis
 
     def status(self) -> dict[str, Any] | None:
-        from dbguard.protocol import Op
+        from dbguard.lease.protocol import Op
 
         try:
             with self.lease_service(timeout=1.0) as client:
@@ -1298,7 +1298,7 @@ def check(workdir: Path, project_dir: Path) -> Report:
     report.faults.update(e["kind"] for e in faults if e["ev"] == "fault")
     _count_operations(clients, report)
 
-    from dbguard.project_store import ProjectStore
+    from dbguard.data.store import ProjectStore
 
     store = ProjectStore(project_dir, run["project"])
     manifests: dict[int, dict[str, Any]] = {}
@@ -1410,9 +1410,9 @@ def end_windows(
     faults: list[dict[str, Any]],
     agent_starts: dict[str, list[float]],
 ) -> EndWindows:
-    """Every way a lease can end before its expiry, found in the histories (dbguard/leases.py:
+    """Every way a lease can end before its expiry, found in the histories (dbguard/lease/rules.py:
     only `release` by the holder's own agent and `break` end a lease early; the agent releases
-    (agent.py `_release`) when asked to, when a grant it just received cannot be adopted (an
+    (agent/server.py `_release`) when asked to, when a grant it just received cannot be adopted (an
     acquire that fails, also in the reclaim at agent start-up) and on a takeover, which the
     writers never ask for). Windows:
 
@@ -1513,7 +1513,7 @@ def check_leases(
 ) -> None:
     """Invariant 1, from the broker's view (status snapshots) and the grants writers received.
 
-    Facts of the broker's lease rules this relies on (dbguard/leases.py):
+    Facts of the broker's lease rules this relies on (dbguard/lease/rules.py):
     (a) a token is granted only while the project is FREE, and is larger than every earlier one;
     (b) a lease that is HELD with expiry E stays HELD until E unless it ends for good: released
         or broken (FREE, writer gone) - it never expires early, also not across a broker restart,
@@ -1795,7 +1795,7 @@ def check_kept(
 ) -> None:
     """Invariant 5 (as a sixth check): every append that returned is somewhere: in the final
     store, or in a host's cache (unflushed, or set aside after its lease was lost)."""
-    from cache import CacheStore
+    from dbguard.cache import CacheStore
 
     kept = set(final.values())
     envs = 0

@@ -24,11 +24,11 @@ from typing import Protocol
 
 import psutil
 
-from dbguard import keys as dbguard_keys
-from dbguard.client import Client
 from dbguard.errors import BrokerUnavailable
-from dbguard.etcd_leases import EtcdLeases, configure
-from dbguard.local_etcd import EtcdCluster
+from dbguard.lease import keys as dbguard_keys
+from dbguard.lease.client import Client
+from dbguard.lease.etcd import EtcdLeases, configure
+from dbguard.lease.etcd_cluster import EtcdCluster
 from tools.sshfs import Mount, SshServer
 
 PYTHON = sys.executable

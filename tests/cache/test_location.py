@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cache import (
+from dbguard.cache import (
     NETWORK_FILESYSTEMS,
     CacheCorrupt,
     CacheError,

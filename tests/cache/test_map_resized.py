@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import CacheStore
-from cache import store as cache_store
+from dbguard.cache import CacheStore
+from dbguard.cache import store as cache_store
 
 MiB = 1 << 20
 CHUNK = np.ones(MiB // 8, dtype=np.float64)  # 1 MiB per record

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from cache import CacheCorrupt, CacheError, CacheStore, DirtyEntry, decode_record, encode_record
-from cache import store as cache_store
+from dbguard.cache import CacheCorrupt, CacheError, CacheStore, DirtyEntry, decode_record, encode_record
+from dbguard.cache import store as cache_store
 
 MiB = 1 << 20
 

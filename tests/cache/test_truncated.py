@@ -22,8 +22,8 @@ import lmdb
 import numpy as np
 import pytest
 
-from cache import CacheCorrupt, CacheStore
-from cache.lmdb_file import missing_pages
+from dbguard.cache import CacheCorrupt, CacheStore
+from dbguard.cache.lmdb_file import missing_pages
 
 # Reads every entry of every database, then writes: a write transaction walks the free database
 # too. Dies of SIGBUS if a page it needs lies past the end of the file.

@@ -46,7 +46,7 @@ from numpy.typing import NDArray
 # checksumming was a fifth of a flush's time.
 from zlib_ng.zlib_ng import crc32
 
-from dbguard.durable import fsync_dir, write_synced
+from dbguard.data.durable import fsync_dir, write_synced
 from dbguard.errors import Fenced, GuardError, IntegrityError, share_access, share_failure
 from dbguard.names import (
     DATABASE_NAME_RULE,

@@ -27,12 +27,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-# zlib-ng: the CRC-32 of zlib, faster (see project_store).
+# zlib-ng: the CRC-32 of zlib, faster (see data.store).
 from zlib_ng.zlib_ng import crc32
 
-from dbguard.errors import IntegrityError, cache_access, share_access
-from dbguard.names import OutsideRoot, child
-from dbguard.project_store import (
+from dbguard.data.store import (
     Entry,
     Manifest,
     ProjectStore,
@@ -41,6 +39,8 @@ from dbguard.project_store import (
     record_crc,
     record_dtype,
 )
+from dbguard.errors import IntegrityError, cache_access, share_access
+from dbguard.names import OutsideRoot, child
 
 SEGMENT_CACHE = "segments"
 _INDEX_SUFFIX = ".idx"  # a segment's index as stored (format 1 kept it as .idx.json, unchecked)

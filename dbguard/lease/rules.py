@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from dbguard import protocol
+from dbguard.lease import protocol
 
 
 class LeaseState(StrEnum):

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dbguard.durable import fsync_dir, write_synced
+from dbguard.data.durable import fsync_dir, write_synced
+from dbguard.data.store import ProjectStore
 from dbguard.errors import GuardError, IntegrityError, UsageError, share_access
-from dbguard.project_store import ProjectStore
 
 MARKER = ".dbguard"
 # What to do once the share lets this host in again (dbguard.errors names its refusals).

@@ -26,9 +26,13 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from cache import CacheError, CacheStore, Reader
-from dbguard import local_agent
-from dbguard import project as projects
+from dbguard.agent import local as local_agent
+from dbguard.agent.lease_check import WriterGuard
+from dbguard.cache import CacheError, CacheStore, Reader
+from dbguard.data import project as projects
+from dbguard.data.flushing import LOCKS, write_announced
+from dbguard.data.store import ProjectStore
+from dbguard.data.view import StoreView
 from dbguard.errors import (
     GuardError,
     LeaseHeld,
@@ -38,13 +42,9 @@ from dbguard.errors import (
     cache_errors_translated,
     from_cache_error,
 )
-from dbguard.flushing import LOCKS, write_announced
+from dbguard.lease.protocol import AgentOp
 from dbguard.names import DATABASE_NAME_RULE, child, is_database_name
-from dbguard.project_store import ProjectStore
-from dbguard.protocol import AgentOp
 from dbguard.settings import Settings, load
-from dbguard.store_view import StoreView
-from dbguard.writer_guard import WriterGuard
 
 MODES = ("r", "a", "w")
 

@@ -26,15 +26,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-# zlib-ng: the CRC-32 of zlib, faster (see project_store).
+# zlib-ng: the CRC-32 of zlib, faster (see data.store).
 from zlib_ng.zlib_ng import crc32
 
-from cache import CacheError, CacheStore, DirtyNotAnnounced
-from cache.store import ASIDE
-from dbguard.errors import Fenced, IntegrityError, UnflushedData, cache_access
-from dbguard.names import child, file_name_for, is_plain_name
-from dbguard.project import Project
-from dbguard.project_store import (
+from dbguard.cache import CacheError, CacheStore, DirtyNotAnnounced
+from dbguard.cache.store import ASIDE
+from dbguard.data.project import Project
+from dbguard.data.store import (
     TRAILER_SIZE,
     Entry,
     FlushResult,
@@ -44,8 +42,10 @@ from dbguard.project_store import (
     parse_trailer,
     record_crc,
 )
-from dbguard.store_view import SEGMENT_CACHE
-from dbguard.uncached import UncachedFile
+from dbguard.data.uncached import UncachedFile
+from dbguard.data.view import SEGMENT_CACHE
+from dbguard.errors import Fenced, IntegrityError, UnflushedData, cache_access
+from dbguard.names import child, file_name_for, is_plain_name
 
 _T = TypeVar("_T")
 
@@ -238,7 +238,7 @@ class ReadBack:
     superseded: int = 0  # records a newer writer has replaced since: nothing of ours to compare
     segments: int = 0  # segments read back
     bytes: int = 0  # read back from the share
-    method: str = ""  # how this host's page cache was kept out of it (see dbguard.uncached)
+    method: str = ""  # how this host's page cache was kept out of it (see dbguard.data.uncached)
     # (db, index) -> what is wrong with the share's copy: a new flush of the cache's copy mends it
     damaged: dict[tuple[str, int], str] = field(default_factory=dict)
     # damage that a new flush cannot mend (an index or trailer): readers need that file restored

@@ -1,6 +1,6 @@
 """Durable storage of the lease table, behind one small interface.
 
-The store only keeps records; every rule about leases lives in `dbguard.leases`. The embedded
+The store only keeps records; every rule about leases lives in `dbguard.lease.rules`. The embedded
 implementation is an LMDB environment in the broker's state directory.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import lmdb
 
-from cache.lmdb_file import missing_pages
+from dbguard.cache.lmdb_file import missing_pages
 from dbguard.errors import GuardError, IntegrityError
-from dbguard.leases import worth_keeping
+from dbguard.lease.rules import worth_keeping
 
 # LMDB errors that mean the environment on disk is damaged or not an LMDB file at all.
 _DAMAGE = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.PageNotFoundError)

@@ -11,7 +11,7 @@ renewal past the TTL), and the main thread serves local requests and does the lo
 flushes, hand-overs and setting data aside. They share the lease table under one lock.
 
 The leases it holds are also written to ``leases.json`` in the cache directory: an agent
-restarted after a crash reclaims them, and writing processes check them there (writer_guard).
+restarted after a crash reclaims them, and writing processes check them there (agent.lease_check).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from typing import Any
 
 import zmq
 
-from cache import CacheError, CacheStore
-from dbguard import flushing, protocol
-from dbguard.client import error_from_reply
+from dbguard.cache import CacheError, CacheStore
+from dbguard.data import flushing
+from dbguard.data.project import Project, read_identity, token_floor, write_writer_record
+from dbguard.data.store import FlushResult
 from dbguard.errors import (
     AgentAlreadyRunning,
     Fenced,
@@ -51,16 +52,16 @@ from dbguard.errors import (
     from_cache_error,
     share_failure,
 )
-from dbguard.lease_service import LeaseService, for_broker
-from dbguard.leases import Holder
+from dbguard.lease import protocol
+from dbguard.lease.client import error_from_reply
+from dbguard.lease.protocol import AgentOp, ErrorKind, Op
+from dbguard.lease.rules import Holder
+from dbguard.lease.service import LeaseService, for_broker
 from dbguard.names import PLAIN_NAME_RULE, is_plain_name
-from dbguard.project import Project, read_identity, token_floor, write_writer_record
-from dbguard.project_store import FlushResult
-from dbguard.protocol import AgentOp, ErrorKind, Op
 from dbguard.settings import Settings
 from dbguard.units import human_size
 
-log = logging.getLogger("dbguard.agent")
+log = logging.getLogger("dbguard.agent.server")
 
 SOCKET_NAME = "agent.sock"
 LOCK_NAME = "agent.lock"

@@ -2,7 +2,7 @@
 
 ``DBGUARD_BROKER=etcd://h1:2379,h2:2379,h3:2379[/prefix]`` makes every dbguard process talk to
 etcd directly through this class instead of to a broker over ZeroMQ. It answers the requests of
-`dbguard.protocol` with the replies the broker gives, so the agent, the API and the command line
+`dbguard.lease.protocol` with the replies the broker gives, so the agent, the API and the command line
 do not know which one they use (the conformance suite runs the same tests against both).
 
 etcd is the authority, and every rule is a transaction that compares what the client read:
@@ -42,11 +42,11 @@ from typing import Any, ClassVar
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
-from dbguard import protocol
-from dbguard.client import error_from_reply  # the broker client's mapping of error replies
 from dbguard.errors import BrokerUnavailable, GuardError, UsageError
-from dbguard.leases import Holder, LeaseState
-from dbguard.protocol import ErrorKind, Op, ProtocolError
+from dbguard.lease import protocol
+from dbguard.lease.client import error_from_reply  # the broker client's mapping of error replies
+from dbguard.lease.protocol import ErrorKind, Op, ProtocolError
+from dbguard.lease.rules import Holder, LeaseState
 from dbguard.settings import check_seconds
 
 DEFAULT_PREFIX = "dbguard"

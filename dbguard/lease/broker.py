@@ -21,14 +21,14 @@ import zmq
 from zmq.auth.base import Authenticator
 from zmq.auth.thread import ThreadAuthenticator
 
-from dbguard import protocol
 from dbguard.errors import GuardError, IntegrityError
-from dbguard.keys import BrokerKeys, is_loopback
-from dbguard.lease_store import LeaseStore, LmdbLeaseStore
-from dbguard.leases import Decision, Holder, LeaseState, LeaseTable, Timing
-from dbguard.protocol import ErrorKind, Op, ProtocolError
+from dbguard.lease import protocol
+from dbguard.lease.keys import BrokerKeys, is_loopback
+from dbguard.lease.protocol import ErrorKind, Op, ProtocolError
+from dbguard.lease.rules import Decision, Holder, LeaseState, LeaseTable, Timing
+from dbguard.lease.store import LeaseStore, LmdbLeaseStore
 
-log = logging.getLogger("dbguard.broker")
+log = logging.getLogger("dbguard.lease.broker")
 
 # Requests handled per turn before replies go out: bounds the latency one burst can add.
 _BATCH = 512

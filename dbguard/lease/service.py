@@ -1,6 +1,6 @@
 """Which lease service this process talks to: the embedded broker, or an etcd cluster.
 
-Both answer the requests of `dbguard.protocol` with the same replies; everything above this
+Both answer the requests of `dbguard.lease.protocol` with the same replies; everything above this
 module (agent, API, command line) is written against `LeaseService` and never asks which.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Self
 
-from dbguard.keys import client_keys
+from dbguard.lease.keys import client_keys
 from dbguard.settings import Settings
 
 
@@ -37,7 +37,7 @@ def for_broker(settings: Settings, *, timeout: float | None = None, attempts: in
     broker, with this machine's keys when the site uses them."""
     timeout = timeout or settings.request_timeout
     if settings.broker.startswith("etcd://"):
-        from dbguard.etcd_leases import EtcdLeases  # etcd's client is imported only where used
+        from dbguard.lease.etcd import EtcdLeases  # etcd's client is imported only where used
 
         return EtcdLeases(
             settings.broker,
@@ -46,7 +46,7 @@ def for_broker(settings: Settings, *, timeout: float | None = None, attempts: in
             ttl=settings.ttl,
             lock_delay=settings.lock_delay,
         )
-    from dbguard.client import Client
+    from dbguard.lease.client import Client
 
     keys = client_keys(settings.keys) if settings.keys is not None else None
     return Client(settings.broker, timeout=timeout, attempts=attempts, keys=keys)

@@ -16,9 +16,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from dbguard import protocol
 from dbguard.errors import BrokerUnavailable, GuardError, UsageError, from_reply
-from dbguard.keys import ClientKeys
+from dbguard.lease import protocol
+from dbguard.lease.keys import ClientKeys
 
 _ENVELOPE = frozenset({"v", "id", "ok"})
 _HANDSHAKE_FAILURES = (

@@ -34,7 +34,7 @@ from zmq.utils import z85
 from dbguard.errors import UsageError
 from dbguard.names import PLAIN_NAME_RULE, OutsideRoot, child
 
-log = logging.getLogger("dbguard.keys")
+log = logging.getLogger("dbguard.lease.keys")
 
 BROKER = "broker"
 CLIENT = "client"

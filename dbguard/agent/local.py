@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from cache import UnsafeCacheLocation, prepare_cache_dir
-from dbguard.agent import LOCK_NAME, LOG_NAME, SOCKET_NAME, read_saved_leases, socket_address
-from dbguard.client import Client
+from dbguard.agent.server import LOCK_NAME, LOG_NAME, SOCKET_NAME, read_saved_leases, socket_address
+from dbguard.cache import UnsafeCacheLocation, prepare_cache_dir
 from dbguard.errors import BrokerUnavailable, UnsafeCachePath
-from dbguard.protocol import AgentOp
+from dbguard.lease.client import Client
+from dbguard.lease.protocol import AgentOp
 from dbguard.settings import Settings
 
 _START_TIMEOUT = 10.0

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dbguard.agent import LEASES_NAME, read_saved_leases
+from dbguard.agent.server import LEASES_NAME, read_saved_leases
+from dbguard.data.project import Project, read_writer_record
 from dbguard.errors import LeaseHeld, LeaseLost
-from dbguard.project import Project, read_writer_record
 
 RECHECK = 0.5  # seconds
 
