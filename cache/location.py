@@ -3,7 +3,7 @@
 The cache is an LMDB environment. LMDB keeps its reader table and writer mutex in a
 memory-mapped lock file and reads data through a shared mmap, so it needs a filesystem
 whose mmap and locks are coherent, and the cache must by design belong to one host.
-Network and cluster filesystems give neither guarantee (DESIGN.md, invariant 6), so
+Network and cluster filesystems give neither guarantee (docs/design.md, invariant 6), so
 they are refused before anything is written.
 """
 

@@ -21,6 +21,7 @@ from dbguard.errors import (
     UnsafeCachePath,
     UsageError,
 )
+from dbguard.results import Lease, ProjectStatus, QueuePlace, Reader, Status, Waiter, Writer
 
 __all__ = [
     "BrokerUnavailable",
@@ -31,13 +32,20 @@ __all__ = [
     "GuardError",
     "ImageDB",
     "IntegrityError",
+    "Lease",
     "LeaseHeld",
     "LeaseLost",
     "ProjectBusy",
+    "ProjectStatus",
+    "QueuePlace",
+    "Reader",
     "ShareRefused",
+    "Status",
     "UnflushedData",
     "UnsafeCachePath",
     "UsageError",
+    "Waiter",
+    "Writer",
     "acquire",
     "break_lease",
     "clear",

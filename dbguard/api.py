@@ -38,11 +38,13 @@ from dbguard.errors import (
     UsageError,
     cache_errors_translated,
 )
+from dbguard.lease import requests
 from dbguard.lease.client import Client
 from dbguard.lease.keys import is_loopback
-from dbguard.lease.protocol import AgentOp, Op
-from dbguard.lease.rules import LeaseState
+from dbguard.lease.protocol import AgentOp
+from dbguard.lease.rules import Holder, LeaseState
 from dbguard.lease.service import for_broker
+from dbguard.results import Lease, ProjectStatus, QueuePlace, Status
 from dbguard.settings import Settings, load
 from dbguard.units import human_size
 
@@ -71,13 +73,14 @@ def acquire(
     wait: float | None = None,
     takeover: bool = False,
     settings: Settings | None = None,
-    on_queued: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    on_queued: Callable[[QueuePlace], None] | None = None,
+) -> Lease:
     """Become the writer of a project, through this host's agent.
 
     Without ``wait`` or ``takeover``, raise LeaseHeld at once if another host holds it. With
     ``wait``, queue for up to that many seconds (first come, first served). With ``takeover``,
-    ask the holder to flush and release, and wait for it (``wait`` seconds, default two TTLs).
+    ask the holder to flush and release, and wait for it (``wait`` seconds, by default two TTLs
+    and the lock-delay).
     """
     settings = _settings(settings)
     if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
@@ -95,17 +98,15 @@ def acquire(
                     AgentOp.ACQUIRE, project=target.id, path=str(target.path), wait=queued, takeover=takeover
                 )
             except LeaseHeld as exc:
-                raise LeaseHeld(_held_message(target, exc.holder, waited=None), holder=exc.holder) from None
+                raise _held(target, exc.holder, waited=None) from None
             if reply["status"] == "granted":
-                if target.recovered:  # project.json was lost: say which id was written back
-                    reply["identity"] = target.recovered
-                return reply
+                # project.json was lost: say which id was written back
+                return Lease.from_agent(reply, recovered_identity=target.recovered or None)
             if time.monotonic() >= deadline:
                 _leave_queue(settings, agent, target)
-                holder = reply.get("holder") or {}
-                raise LeaseHeld(_held_message(target, holder, waited=wait), holder=holder)
+                raise _held(target, reply.get("holder") or {}, waited=wait)
             if on_queued is not None:
-                on_queued(reply)
+                on_queued(QueuePlace(int(reply["position"]), reply.get("holder")))
             time.sleep(_POLL)
     finally:
         agent.close()
@@ -115,29 +116,31 @@ def _leave_queue(settings: Settings, agent: Client, target: projects.Project) ->
     holder = agent.call_ok(AgentOp.HELLO)
     # If this fails the slot still expires by itself within a TTL.
     with for_broker(settings) as broker, contextlib.suppress(GuardError):
-        broker.call_ok(
-            Op.LEAVE_QUEUE,
-            project=target.id,
-            holder={k: holder[k] for k in ("host", "user", "agent", "cache")},
-        )
+        broker.send_ok(requests.LeaveQueue(target.id, Holder.from_json(holder)))
 
 
-def _held_message(target: projects.Project, holder: dict[str, Any], waited: float | None) -> str:
+_WAIT = ("acquire(wait=SECONDS)", "`dbguard acquire --wait SECONDS`")
+_TAKEOVER = ("acquire(takeover=True)", "`dbguard acquire --takeover`")
+
+
+def _held(target: projects.Project, holder: dict[str, Any], waited: float | None) -> LeaseHeld:
     if not holder:
-        return (
+        return LeaseHeld(
             f"project {target.path} is not available yet (the broker restarted recently, or another "
-            "host is first in the queue); retry, or use --wait SECONDS to queue"
-        )
+            f"host is first in the queue); retry, or queue with {_WAIT[0]}",
+            holder={},
+        ).with_remedy(*_WAIT)
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
     who = f"{holder.get('user')} on {holder.get('host')}"
     unflushed = holder.get("unflushed", 0)
     waited_text = f" (waited {waited:.0f}s)" if waited else ""
-    return (
+    message = (
         f"project {target.path} is held by {who} since {since} (token {holder.get('token')}){waited_text}. "
-        f"Ask them to run `dbguard release` or `dbguard clear` there, queue with `dbguard acquire --wait "
-        f"SECONDS`, or ask for it with `dbguard acquire --takeover`"
+        f"Ask them to release or clear it there (`dbguard release`, `dbguard clear`), queue with "
+        f"{_WAIT[0]}, or ask for it with {_TAKEOVER[0]}"
         + (f"; {human_size(unflushed)} are unflushed there" if unflushed else "")
     )
+    return LeaseHeld(message, holder=holder).with_remedy(*_WAIT).with_remedy(*_TAKEOVER)
 
 
 @cache_errors_translated
@@ -151,35 +154,33 @@ def release(project: PathLike = None, *, settings: Settings | None = None) -> di
 
 
 @cache_errors_translated
-def status(project: PathLike = None, *, settings: Settings | None = None) -> dict[str, Any]:
-    """What the broker and this host's agent know of a project (or of every project)."""
+def status(project: PathLike = None, *, settings: Settings | None = None) -> Status:
+    """What the lease service and this host's agent know of a project (or of every project)."""
     settings = _settings(settings)
     target = projects.open_project(project) if project is not None or projects.find_root(Path.cwd()) else None
     with for_broker(settings) as broker:
-        if target is not None:
-            reply = broker.call_ok(Op.STATUS, project=target.id)
-        else:
-            reply = broker.call_ok(Op.STATUS)
+        reply = broker.send_ok(requests.Status(target.id if target is not None else None))
         # Whether anyone on the network may take or break leases at this broker: one without
         # keys that listens beyond loopback. etcd secures itself (TLS, RBAC) and says nothing here.
-        hello = broker.call_ok(Op.HELLO) if settings.broker.startswith("tcp://") else {}
-    result: dict[str, Any] = {"broker": settings.broker, "projects": reply["projects"], "agent": None}
-    if "authenticated" in hello:
-        result["authenticated"] = bool(hello["authenticated"])
-        result["exposed"] = bool(hello.get("exposed")) or not is_loopback(settings.broker)
-    if target is not None:
-        result["projects"][0]["path"] = str(target.path)
+        hello = broker.send_ok(requests.Hello()) if settings.broker.startswith("tcp://") else {}
+    path = target.path if target is not None else None
+    found = tuple(ProjectStatus.from_wire(item, path) for item in reply["projects"])
+    agent_view = None
     agent = local_agent.revive(settings)
     if agent is not None:
         with agent:
             local = agent.call_ok(AgentOp.LEASES)
-        ids = {p["project"] for p in result["projects"]}
-        result["agent"] = {
+        ids = {item.project for item in found}
+        agent_view = {
             "holder": local["holder"],
             "leases": [lease for lease in local["leases"] if target is None or lease["project"] in ids],
             "notices": [n for n in local["notices"] if target is None or n["project"] in ids],
         }
-    return result
+    authenticated = exposed = None
+    if "authenticated" in hello:
+        authenticated = bool(hello["authenticated"])
+        exposed = bool(hello.get("exposed")) or not is_loopback(settings.broker)
+    return Status(settings.broker, found, agent_view, authenticated=authenticated, exposed=exposed)
 
 
 @cache_errors_translated
@@ -188,7 +189,7 @@ def break_lease(project: PathLike, *, settings: Settings | None = None) -> dict[
     settings = _settings(settings)
     target = projects.open_project(project)
     with for_broker(settings) as broker:
-        reply = broker.call_ok(Op.BREAK, project=target.id, force=True)
+        reply = broker.send_ok(requests.Break(target.id, force=True))
     return {"project": target.id, "path": str(target.path), "broken": reply["broken"]}
 
 
@@ -233,23 +234,28 @@ def flush(
         if dirty:
             raise UnflushedData(
                 f"{human_size(dirty)} of {target.path} are unflushed on this host, but it does not hold the "
-                "project's writer lease (or its agent is not running), so they cannot be flushed; run "
-                "`dbguard acquire` first, then `dbguard flush`. Nothing was lost: they stay in this host's "
-                "cache",
+                "project's writer lease (or its agent is not running), so they cannot be flushed; call "
+                "acquire() first, then flush(). Nothing was lost: they stay in this host's cache",
                 project=target.id,
                 unflushed=dirty,
+            ).with_remedy(
+                "call acquire() first, then flush()", "run `dbguard acquire` first, then `dbguard flush`"
             )
         # Nothing is dirty because the agent (or a fenced flush) has just set this lease's unflushed
         # data aside: reporting "nothing to flush" would tell the writer its records are durable.
         kept = _kept_aside(cache_root, target, lease)
         if kept:
             reason = str((lease or {}).get("reason") or "lost")
-            raise LeaseLost(
+            lost = LeaseLost(
                 f"this host lost the writer lease of {target.path} ({reason}); {kept} bytes written under "
-                "it were not flushed but kept aside in this host's cache. `dbguard recover` lists them; "
-                "`dbguard acquire` to write again",
+                "it were not flushed but kept aside in this host's cache. recover() lists them; "
+                "acquire() to write again",
                 project=target.id,
                 reason=reason,
+            )
+            raise lost.with_remedy(
+                "recover() lists them; acquire() to write again",
+                "`dbguard recover` lists them; `dbguard acquire` to write again",
             )
         return {"project": target.id, "records": 0, "bytes": 0, "generation": None}
     writer = {"host": settings.host, "user": settings.user}
@@ -326,10 +332,11 @@ def clear(
     writers = local_writers(settings, target)
     if writers and not force:
         names = ", ".join(f"{w['name']} (pid {w['pid']})" for w in writers)
-        raise ProjectBusy(
-            f"{target.path} is open for writing by {names} on this host; close them first, or run "
-            "`dbguard clear --force` to flush what they wrote so far and clear anyway"
+        busy = ProjectBusy(
+            f"{target.path} is open for writing by {names} on this host; close them first, or call "
+            "clear(force=True) to flush what they wrote so far and clear anyway"
         )
+        raise busy.with_remedy("or call clear(force=True)", "or run `dbguard clear --force`")
     done: dict[str, Any] = {"project": target.id, "path": str(target.path), "writers": writers}
     done["agent_restarted"] = _restart_agent(settings, target)
     done["flushed"] = flush(target.path, settings=settings, progress=progress)
@@ -376,7 +383,7 @@ def _restart_agent(settings: Settings, target: projects.Project) -> bool:
 
 def _lease_state(settings: Settings, target: projects.Project) -> dict[str, Any]:
     with for_broker(settings) as broker:
-        state: dict[str, Any] = broker.call_ok(Op.STATUS, project=target.id)["projects"][0]
+        state: dict[str, Any] = broker.send_ok(requests.Status(target.id))["projects"][0]
     return state
 
 
@@ -403,9 +410,9 @@ def _check_share(
         raise IntegrityError(
             f"the project store of {target.path} is damaged where a new flush cannot mend it: "
             f"{'; '.join(check.unmendable)}. This host's cache was kept (nothing dropped or released). "
-            "Restore that file from a backup, then run `dbguard clear` again",
+            "Restore that file from a backup, then call clear() again",
             path=str(ProjectStore(target.path, target.id).root),
-        )
+        ).with_remedy("then call clear() again", "then run `dbguard clear` again")
     if not check.damaged:
         return check, None
     damaged = dict(check.damaged)
@@ -414,13 +421,13 @@ def _check_share(
         # Marked unflushed, the good copies cannot be dropped by mistake, and they are flushed
         # by the next writer's flush here (or kept aside if another host writes meanwhile).
         flushing.mark_unflushed(cache_root, target, damaged)
+        remedy = f"call acquire({str(target.path)!r}), then clear({str(target.path)!r})"
         raise IntegrityError(
             f"{_records_text(damaged)} of {target.path} differ on the share from this host's cache "
             f"({_first(damaged)}). The cache was kept and those records are marked unflushed again; "
-            "this host does not hold the writer lease, so they cannot be written now: run "
-            f"`dbguard acquire {target.path}`, then `dbguard clear {target.path}`",
+            f"this host does not hold the writer lease, so they cannot be written now: {remedy}",
             path=str(ProjectStore(target.path, target.id).root),
-        )
+        ).with_remedy(remedy, f"run `dbguard acquire {target.path}`, then `dbguard clear {target.path}`")
 
     def announce(size: int) -> None:
         with local_agent.connect(settings) as agent:
@@ -438,8 +445,11 @@ def _check_share(
             f"after they were flushed again as generation {again_flushed['generation']}: "
             f"{'; '.join([*again.unmendable, *again.damaged.values()])}. The cache was kept, those records "
             "stay unflushed in it and the lease stays with this host. Check the storage behind the share "
-            f"(`dbguard verify {target.path}`), then run `dbguard clear` again",
+            f"(verify({str(target.path)!r})), then call clear() again",
             path=str(ProjectStore(target.path, target.id).root),
+        ).with_remedy(
+            f"(verify({str(target.path)!r})), then call clear() again",
+            f"(`dbguard verify {target.path}`), then run `dbguard clear` again",
         )
     check.checked += again.checked
     check.segments += again.segments
@@ -480,11 +490,14 @@ def _release_for_clear(settings: Settings, target: projects.Project) -> tuple[di
             return release(target.path, settings=settings), restarted
         except BrokerUnavailable as exc:  # the agent died in between, or the lease service is away
             failure = exc
-    raise BrokerUnavailable(
+    unreleased = BrokerUnavailable(
         f"the cache of {target.path} was flushed, checked against the share and dropped, but its lease "
-        f"could not be released ({failure}). Run `dbguard release {target.path}` when the lease service "
+        f"could not be released ({failure}). Call release({str(target.path)!r}) when the lease service "
         "answers",
         address=settings.broker,
+    )
+    raise unreleased.with_remedy(
+        f"Call release({str(target.path)!r})", f"Run `dbguard release {target.path}`"
     )
 
 
@@ -497,21 +510,28 @@ def _lease_left(settings: Settings, target: projects.Project) -> dict[str, Any]:
         raise BrokerUnavailable(
             f"the cache of {target.path} was flushed, checked against the share and dropped, but the lease "
             f"service did not answer ({exc}), so whether it still names this host as the writer is unknown. "
-            f"Run `dbguard status {target.path}` when it answers, and `dbguard clear {target.path}` again "
+            f"Call status({str(target.path)!r}) when it answers, and clear({str(target.path)!r}) again "
             f"if it names {settings.user} on {settings.host}",
             address=settings.broker,
+        ).with_remedy(
+            f"Call status({str(target.path)!r}) when it answers, and clear({str(target.path)!r}) again",
+            f"Run `dbguard status {target.path}` when it answers, and `dbguard clear {target.path}` again",
         ) from exc
     writer = state.get("writer") or None
     if _names_this_host(settings, state):
         assert writer is not None
-        raise LeaseHeld(
-            f"the cache of {target.path} was flushed, checked against the share and dropped, but the lease "
-            f"service still names {writer.get('user')} on {writer.get('host')} (this host) as its writer "
-            f"({state.get('state')}, token {writer.get('token')}), and this host's agent for the cache "
-            f"{local_agent.cache_dir(settings)} does not hold that lease: another cache directory of this "
-            "host does. Run `dbguard release` there (with its DBGUARD_CACHE), or, once sure nothing "
-            f"unflushed is left on this host, `dbguard break --force {target.path}`",
+        held = LeaseHeld(
+            f"the cache of {target.path} was flushed, checked against the share and dropped, but the "
+            f"lease service still names {writer.get('user')} on {writer.get('host')} (this host) as its "
+            f"writer ({state.get('state')}, token {writer.get('token')}), and this host's agent for the "
+            f"cache {local_agent.cache_dir(settings)} does not hold that lease: another cache directory of "
+            "this host does. Release it there (with its DBGUARD_CACHE), or, once sure nothing unflushed "
+            f"is left on this host, break the lease with break_lease({str(target.path)!r})",
             holder=dict(writer),
+        )
+        raise held.with_remedy("Release it there", "Run `dbguard release` there").with_remedy(
+            f"break the lease with break_lease({str(target.path)!r})",
+            f"`dbguard break --force {target.path}`",
         )
     return {"state": state.get("state"), "writer": writer}
 
@@ -552,7 +572,7 @@ def browse(project: PathLike, *, settings: Settings | None = None) -> dict[str, 
     lease_state = None
     try:
         with for_broker(settings) as broker:
-            state = broker.call_ok(Op.STATUS, project=target.id)["projects"][0]
+            state = broker.send_ok(requests.Status(target.id))["projects"][0]
         lease_state, writer = state["state"], state["writer"]
     except GuardError:
         record = projects.read_writer_record(target).get("writer")

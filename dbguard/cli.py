@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,16 +20,16 @@ from dbguard.agent import local as local_agent
 from dbguard.cache import CacheError
 from dbguard.errors import (
     AgentAlreadyRunning,
-    BrokerUnavailable,
     ExitCode,
     GuardError,
     UsageError,
     from_cache_error,
 )
+from dbguard.lease import servers
 from dbguard.lease.keys import authorize, broker_keys, exposure_warning, init_broker, init_client
-from dbguard.lease.protocol import AgentOp, Op
+from dbguard.lease.protocol import AgentOp
 from dbguard.lease.rules import Timing
-from dbguard.lease.service import for_broker
+from dbguard.results import ProjectStatus, QueuePlace, Status
 from dbguard.settings import Settings, load
 from dbguard.units import human_size
 
@@ -80,7 +77,7 @@ class _Group(click.Group):
 
 
 def _fail(exc: GuardError) -> None:
-    click.echo(f"dbguard: {exc}", err=True)
+    click.echo(f"dbguard: {exc.for_command_line()}", err=True)
     sys.exit(int(exc.exit_code))
 
 
@@ -122,7 +119,7 @@ def broker(
     _log_to_stderr()
     timing = Timing(settings.ttl, settings.lock_delay, settings.effective_grace)
     keys = broker_keys(settings.keys) if settings.keys is not None else None
-    address = _bind_address(settings.broker)
+    address = servers.bind_address(settings.broker)
     if keys is None:
         _warn_if_exposed(address)
     broker_module.run(address, settings.state, timing, keys=keys, ready_file=ready_file)
@@ -133,12 +130,6 @@ def _warn_if_exposed(address: str) -> None:
     warning = exposure_warning(address)
     if warning:
         click.echo(f"dbguard: warning: {warning}", err=True)
-
-
-def _bind_address(address: str) -> str:
-    if not address.startswith("tcp://"):
-        raise UsageError(f"the broker listens on tcp://host:port addresses, not {address}")
-    return address
 
 
 @main.command()
@@ -172,12 +163,12 @@ def up(settings: Settings, as_json: bool, use_etcd: bool) -> None:
     """Start a broker (or, with --etcd, an etcd cluster) and an agent on this machine, and
     print the address to export as DBGUARD_BROKER."""
     if use_etcd:
-        started, settings = _start_etcd(settings)
+        started, settings = servers.start_etcd(settings)
         what = "etcd"
     else:
         if settings.keys is None and settings.broker.startswith("tcp://"):  # etcd has its own security
             _warn_if_exposed(settings.broker)
-        started, what = _start_broker(settings), "broker"
+        started, what = servers.start_broker(settings), "broker"
     client = local_agent.connect(settings)
     with client:
         agent_info = client.call_ok(AgentOp.HELLO)
@@ -198,145 +189,18 @@ def up(settings: Settings, as_json: bool, use_etcd: bool) -> None:
     _emit(as_json, data, text)
 
 
-def _start_etcd(settings: Settings) -> tuple[bool, Settings]:
-    """A local three-member etcd cluster in the state directory, started unless it runs; the
-    site's timing is stored in it, and the settings returned point at it."""
-    from dbguard.lease.etcd import configure
-    from dbguard.lease.etcd_cluster import EtcdCluster, etcd_unavailable
-
-    directory = settings.state / "etcd"
-    cluster = EtcdCluster.existing(directory)
-    started = False
-    if cluster is None or len(cluster.running()) < len(cluster.endpoints):
-        why = etcd_unavailable()
-        if why:
-            raise UsageError(f"cannot start a local etcd cluster: {why}")
-        settings.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if cluster is None:
-            cluster = EtcdCluster(directory)
-            cluster.start(detached=True)
-        else:
-            for index in set(range(len(cluster.endpoints))) - set(cluster.running()):
-                cluster.start_member(index)
-        started = True
-    address = cluster.url()
-    configure(address, ttl=settings.ttl, lock_delay=settings.lock_delay, timeout=settings.request_timeout)
-    return started, dataclasses.replace(settings, broker=address)
-
-
-def _start_broker(settings: Settings) -> bool:
-    if settings.broker.startswith("etcd://"):
-        # The site's etcd is not ours to start: check it answers, and say why if it does not.
-        with for_broker(settings, timeout=2.0, attempts=1) as etcd:
-            etcd.call_ok(Op.HELLO)
-        return False
-    with for_broker(settings, timeout=1.0, attempts=1) as probe:
-        try:
-            probe.call_ok(Op.HELLO)
-            return False
-        except BrokerUnavailable:
-            pass
-    settings.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_path = settings.state / "broker.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-P",  # not the current directory first on the import path (see local_agent.start)
-                "-m",
-                "dbguard",
-                "broker",
-                "--address",
-                _bind_address(settings.broker),
-                "--state",
-                str(settings.state),
-                "--ttl",
-                str(settings.ttl),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-    (settings.state / "broker.pid").write_text(f"{process.pid}\n")
-    deadline = time.monotonic() + 10
-    with for_broker(settings, timeout=0.5, attempts=1) as probe:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            try:
-                probe.call_ok(Op.HELLO)
-                return True
-            except BrokerUnavailable:
-                continue
-    tail = log_path.read_text(errors="replace").splitlines()[-5:]
-    raise BrokerUnavailable(
-        f"the broker did not start on {settings.broker}; last lines of {log_path}:\n  " + "\n  ".join(tail)
-    )
-
-
 @main.command()
 @_json_option
 @_common
 def down(settings: Settings, as_json: bool) -> None:
     """Stop this machine's agent and the broker or etcd cluster that `dbguard up` started."""
-    stopped = []
-    agent_client = local_agent.running(settings)
-    if agent_client is not None:
-        with agent_client:
-            agent_client.call_ok(AgentOp.SHUTDOWN)
-        stopped.append("agent")
-    etcd_dir = settings.state / "etcd"
-    if (etcd_dir / "cluster.json").exists():
-        from dbguard.lease.etcd_cluster import EtcdCluster
-
-        cluster = EtcdCluster.existing(etcd_dir)
-        if cluster is not None and cluster.running():
-            cluster.stop()
-            stopped.append("etcd")
-    pid_file = settings.state / "broker.pid"
-    if pid_file.exists():
-        pid = _broker_pid(pid_file, settings.state)
-        if pid and _terminate(pid):
-            stopped.append("broker")
-        pid_file.unlink(missing_ok=True)
+    stopped = ["agent"] if local_agent.shut_down(settings) else []
+    stopped += servers.stop(settings)
     _emit(
         as_json,
         {"stopped": stopped},
         "stopped " + (", ".join(stopped) if stopped else "nothing (nothing was running)"),
     )
-
-
-def _broker_pid(pid_file: Path, state: Path) -> int | None:
-    """The pid of the broker `up` started on ``state``, if it still runs. Pid files outlive their
-    processes and pids are reused (a reboot, a damaged file): a pid counts only while it runs a
-    broker on this state directory, so `down` never signals another process."""
-    import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
-
-    try:
-        text = pid_file.read_text(errors="replace").strip()
-        if not text.isascii() or not text.isdigit():
-            return None
-        process = psutil.Process(int(text))
-        argv = process.cmdline()
-    except (OSError, ValueError, psutil.Error):
-        return None
-    return int(process.pid) if "broker" in argv and str(state) in argv else None
-
-
-def _terminate(pid: int, timeout: float = 10.0) -> bool:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return True
 
 
 # --------------------------------------------------------------- projects
@@ -365,15 +229,15 @@ def acquire(
     """Become the writer of PROJECT (default: the current directory)."""
     shown: set[int] = set()
 
-    def queued(reply: dict[str, Any]) -> None:
-        if not as_json and reply["position"] not in shown and sys.stderr.isatty():
-            shown.add(reply["position"])
-            click.echo(f"waiting: position {reply['position']} in the queue", err=True)
+    def queued(place: QueuePlace) -> None:
+        if not as_json and place.position not in shown and sys.stderr.isatty():
+            shown.add(place.position)
+            click.echo(f"waiting: position {place.position} in the queue", err=True)
 
     lease = api.acquire(project, wait=wait, takeover=takeover, settings=settings, on_queued=queued)
-    if lease.get("identity"):  # project.json was lost and written again from the project store
-        click.echo(f"dbguard: {lease['identity']}", err=True)
-    _emit(as_json, lease, f"acquired {lease['path']} (token {lease['token']}, ttl {lease['ttl']:.0f}s)")
+    if lease.recovered_identity:  # project.json was lost and written again from the project store
+        click.echo(f"dbguard: {lease.recovered_identity}", err=True)
+    _emit(as_json, lease.to_json(), f"acquired {lease.path} (token {lease.token}, ttl {lease.ttl:.0f}s)")
 
 
 @main.command()
@@ -398,59 +262,49 @@ def release(settings: Settings, project: Path | None, as_json: bool) -> None:
 def status(settings: Settings, project: Path | None, as_json: bool) -> None:
     """Who writes PROJECT, since when, with what token, and what waits for it."""
     result = api.status(project, settings=settings)
-    _emit(as_json, result, _status_text(result))
+    _emit(as_json, result.to_json(), _status_text(result))
 
 
-def _status_text(result: dict[str, Any]) -> str:
+def _status_text(result: Status) -> str:
     lines = []
-    for item in result["projects"]:
-        lines.append(f"project {item.get('path', item['project'])}")
-        lines.append(f"  id       {item['project']}")
-        lines.append(
-            f"  state    {item['state']}"
-            + (f" (free in {item['free_in']:.1f}s)" if item.get("free_in") else "")
-        )
-        writer = item.get("writer")
+    for item in result.projects:
+        lines.append(f"project {item.path or item.project}")
+        lines.append(f"  id       {item.project}")
+        lines.append(f"  state    {item.state}" + (f" (free in {item.free_in:.1f}s)" if item.free_in else ""))
+        writer = item.writer
         if writer:
-            role = "writer" if item["state"] == "held" else "former writer"
-            unflushed = _size(writer["unflushed"])
+            role = "writer" if item.state == "held" else "former writer"
+            unflushed = _size(writer.unflushed)
             lines.append(
-                f"  {role:<8} {writer['user']} on {writer['host']} since {_when(writer['since'])}, "
-                f"token {writer['token']}, ttl left {writer['ttl_left']:.1f}s, unflushed {unflushed}"
+                f"  {role:<8} {writer.user} on {writer.host} since {_when(writer.since)}, "
+                f"token {writer.token}, ttl left {writer.ttl_left:.1f}s, unflushed {unflushed}"
             )
-            if item["state"] == "orphaned":
+            if item.state == "orphaned":
                 # The lease service knows what the host last reported, and that it was dirty;
                 # records written after that report are stranded too.
-                size = f"at least {unflushed}" if writer["unflushed"] else "an unknown amount of data"
+                size = f"at least {unflushed}" if writer.unflushed else "an unknown amount of data"
                 lines.append(
-                    f"  stranded {size} unflushed on {writer['host']}; wait for that host "
+                    f"  stranded {size} unflushed on {writer.host}; wait for that host "
                     "to return, or run `dbguard break PROJECT --force`"
                 )
-        readers = ", ".join(f"{r['user']} on {r['host']}" for r in item.get("readers", [])) or "none"
-        queue = (
-            ", ".join(
-                f"{w['user']} on {w['host']}" + (" (takeover)" if w["takeover"] else "")
-                for w in item.get("queue", [])
-            )
-            or "empty"
-        )
+        readers = ", ".join(f"{r.user} on {r.host}" for r in item.readers) or "none"
+        queue = ", ".join(f"{w.user} on {w.host}" + (" (takeover)" if w.takeover else "") for w in item.queue)
         lines.append(f"  readers  {readers}")
-        lines.append(f"  queue    {queue}")
-        if item.get("grace_left"):
-            lines.append(f"  broker   in its restart grace period for {item['grace_left']:.1f}s more")
-    agent = result.get("agent")
-    if agent:
-        for lease in agent["leases"]:
+        lines.append(f"  queue    {queue or 'empty'}")
+        if item.grace_left:
+            lines.append(f"  broker   in its restart grace period for {item.grace_left:.1f}s more")
+    if result.agent:
+        for lease in result.agent["leases"]:
             state = lease["state"] + (f": {lease['reason']}" if lease["reason"] else "")
             verb = "holds" if lease["state"] == "held" else "held"
             lines.append(f"this host {verb} {lease['path']} (token {lease['token']}): {state}")
-        for notice in agent["notices"][-5:]:
+        for notice in result.agent["notices"][-5:]:
             lines.append(f"notice {_when(notice['at'])} {notice['text']}")
-    if not result["projects"]:
+    if not result.projects:
         lines.append("the broker knows no projects yet")
-    if result.get("authenticated") is False and result.get("exposed"):
+    if result.authenticated is False and result.exposed:
         lines.append(
-            f"warning: the broker {result['broker']} is unauthenticated and reachable from the network: "
+            f"warning: the broker {result.broker} is unauthenticated and reachable from the network: "
             "anyone who can reach it can take or break leases; set up keys (`dbguard keys --help`)"
         )
     return "\n".join(lines)
@@ -464,7 +318,7 @@ def _status_text(result: dict[str, Any]) -> str:
 def break_command(settings: Settings, project: Path, force: bool, as_json: bool) -> None:
     """Free PROJECT whoever holds it; says what may be stranded on the former holder."""
     if not force:
-        current = api.status(project, settings=settings)["projects"][0]
+        current = api.status(project, settings=settings).projects[0]
         raise UsageError(
             f"breaking {project} takes its lease from {_holder_text(current)}; anything unflushed there "
             "stays on that host, kept aside. Run again with --force to do it"
@@ -729,9 +583,9 @@ def check_cache(settings: Settings, path: Path | None, as_json: bool) -> None:
     )
 
 
-def _holder_text(item: dict[str, Any]) -> str:
-    writer = item.get("writer")
-    return f"{writer['user']} on {writer['host']} ({item['state']})" if writer else "nobody (it is free)"
+def _holder_text(item: ProjectStatus) -> str:
+    writer = item.writer
+    return f"{writer.user} on {writer.host} ({item.state})" if writer else "nobody (it is free)"
 
 
 def _when(seconds: float) -> str:

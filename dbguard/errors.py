@@ -29,7 +29,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from typing import Any, ClassVar, ParamSpec, Self, TypeVar
 
 from dbguard.cache.errors import CacheCorrupt, CacheError, CacheFull, UnsafeCacheLocation
 from dbguard.lease.protocol import ErrorKind, reply_error
@@ -83,6 +83,19 @@ class GuardError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def with_remedy(self, python: str, command_line: str) -> Self:
+        """Say that ``python``, a remedy in this message written for the Python API (a parameter
+        such as ``wait=SECONDS``), reads ``command_line`` for a user of the `dbguard` command."""
+        self.__dict__.setdefault("remedies", []).append((python, command_line))
+        return self
+
+    def for_command_line(self) -> str:
+        """The message with its Python remedies in the command line's terms (flags)."""
+        text = self.message
+        for python, command_line in self.__dict__.get("remedies", ()):
+            text = text.replace(python, command_line)
+        return text
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

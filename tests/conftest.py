@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dbguard.lease.etcd_cluster import EtcdCluster, etcd_unavailable
-from tools.sshfs import SshServer
-from tools.testbed import BrokerProcess, EtcdBackend, Host, LeaseBackend, SimHost, namespaces_unavailable
+from tools.testbed import BrokerProcess, EtcdBackend, Host, LeaseBackend, namespaces_unavailable
 
-# Short timings keep the suite fast; every test that waits for an expiry uses these.
-TTL = 1.5
-LOCK_DELAY = 0.5
+# The shared helpers assert too: have pytest rewrite their asserts as it does a test module's, so a
+# failure shows the values compared. This must run before anything imports tests.support.
+pytest.register_assert_rewrite("tests.support")
+from tests.support import LOCK_DELAY, TTL, fail_or_skip, failed  # noqa: E402 (after the line above)
 
 _WHY_NO_HOSTS = namespaces_unavailable()
 
@@ -30,27 +27,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def _failed(request: pytest.FixtureRequest) -> bool:
-    report = getattr(request.node, "report_call", None)
-    return report is None or report.failed
-
-
 @pytest.fixture
 def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
     process = BrokerProcess(tmp_path / "broker-state", ttl=TTL, lock_delay=LOCK_DELAY)
     process.start()
     yield process
     process.stop()
-    if _failed(request):
+    if failed(request):
         print(f"\n----- broker log ({process.log_path}) -----\n{process.log()}")
-
-
-def _fail_or_skip(why: str) -> None:
-    # CI runs as root on a machine that has (or installs) what the tests need: there a missing
-    # piece is a failure, not a skip.
-    if os.environ.get("CI") == "true":
-        pytest.fail(why)
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +43,7 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClust
     test works under a key prefix of its own. Tests that stop members restore them."""
     why = etcd_unavailable()
     if why:
-        _fail_or_skip(f"the etcd tests need etcd: {why}")
+        fail_or_skip(f"the etcd tests need etcd: {why}")
     cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
     cluster.start()
     yield cluster
@@ -74,7 +58,7 @@ def etcd_backend(etcd_cluster: EtcdCluster, request: pytest.FixtureRequest) -> I
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     backend = EtcdBackend(etcd_cluster, prefix, ttl=TTL, lock_delay=LOCK_DELAY)
     yield backend
-    if _failed(request):
+    if failed(request):
         print(f"\n----- etcd logs (prefix {prefix}) -----\n{backend.log()}")
 
 
@@ -89,7 +73,7 @@ def backend(broker: BrokerProcess) -> LeaseBackend:
 def hosts(tmp_path: Path, backend: LeaseBackend, request: pytest.FixtureRequest) -> Iterator[dict[str, Host]]:
     """Simulated hosts a, b and c, each with its own hostname, cache and agent."""
     if _WHY_NO_HOSTS:
-        _fail_or_skip(f"simulated hosts need Linux namespaces (run as root): {_WHY_NO_HOSTS}")
+        fail_or_skip(f"simulated hosts need Linux namespaces (run as root): {_WHY_NO_HOSTS}")
     # Agents flush only when told to unless a test shortens this; periodic flushes would make
     # "unflushed" figures depend on timing.
     made = {
@@ -99,7 +83,7 @@ def hosts(tmp_path: Path, backend: LeaseBackend, request: pytest.FixtureRequest)
     yield made
     for host in made.values():
         host.stop()
-    if _failed(request):
+    if failed(request):
         for host in made.values():
             print(f"\n----- agent log of {host.name} -----\n{host.agent_log()}")
 
@@ -112,53 +96,9 @@ def project(tmp_path: Path) -> Path:
     return path
 
 
-# Makes a whole simulated host: name, the path it mounts the shared directory at, its settings.
-MakeSimHost = Callable[..., SimHost]
-
-
-@contextlib.contextmanager
-def sim_hosts(
-    root: Path, backend: LeaseBackend, shared: Path, request: pytest.FixtureRequest
-) -> Iterator[MakeSimHost]:
-    """Whole simulated hosts (tools.testbed.SimHost) that mount ``shared`` over loopback sshfs and
-    use ``backend``; stopped at the end, with their agents' logs printed if the test failed."""
-    made: list[SimHost] = []
-    with SshServer(root / "sshd") as server:
-
-        def make(name: str, mount: str, **settings: str) -> SimHost:
-            host = SimHost(name, root / "hosts", backend, server, shared, mount, **settings)  # type: ignore[arg-type]
-            made.append(host.start())
-            return host
-
-        yield make
-        for host in made:
-            if _failed(request):
-                print(f"\n----- agent log of {host.name} -----\n{host.agent_log()}")
-            host.stop()
-
-
 @pytest.fixture
 def shared(tmp_path: Path) -> Path:
     """The directory the simulated hosts' sshfs mounts export."""
     path = tmp_path / "export" / "proj"
     path.mkdir(parents=True)
     return path
-
-
-@contextlib.contextmanager
-def small_tmpfs(directory: Path, size: str = "2m") -> Iterator[Path]:
-    """A small tmpfs at ``directory``: a filesystem that really runs out of space (needs root)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        _fail_or_skip(f"mounting a small tmpfs needs root: {mounted.stderr.strip()}")
-    try:
-        yield directory
-    finally:
-        if subprocess.run(["umount", str(directory)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(directory)], capture_output=True, check=False)

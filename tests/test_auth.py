@@ -15,7 +15,7 @@ import pytest
 from dbguard.errors import BrokerUnavailable, UsageError
 from dbguard.lease import keys
 from dbguard.lease.client import Client
-from tests.conftest import LOCK_DELAY, TTL
+from tests.support import LOCK_DELAY, TTL
 from tools.testbed import BrokerProcess
 
 

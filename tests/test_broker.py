@@ -12,8 +12,7 @@ from pathlib import Path
 
 import zmq
 
-from tests.conftest import TTL
-from tests.test_leases_e2e import acquire, project_state
+from tests.support import TTL, acquire, project_state
 from tools.testbed import BrokerProcess, Host
 
 

@@ -1,5 +1,5 @@
-"""The chaos checker (tools/chaos.py): a short run on simulated hosts, with every kind of fault
-(a host killed right after a write among them), breaks none of the invariants of DESIGN.md; and
+"""The chaos checker (tools/chaos/): a short run on simulated hosts, with every kind of fault
+(a host killed right after a write among them), breaks none of the invariants of docs/design.md; and
 the checker catches each kind of violation it claims to, shown on made-up histories (a checker
 that never fails proves nothing).
 """
@@ -16,7 +16,20 @@ from typing import Any
 import pytest
 
 from dbguard.lease.etcd_cluster import etcd_unavailable
-from tools import chaos
+from tools.chaos.checker import (
+    INVARIANTS,
+    EndWindows,
+    Report,
+    check_acknowledged,
+    check_fencing,
+    check_leases,
+    check_orphans,
+    check_reads,
+    end_windows,
+)
+from tools.chaos.clients import DB_NAME, identify, payload
+from tools.chaos.harness import render
+from tools.chaos.history import Tail
 from tools.sshfs import sshfs_unavailable
 from tools.testbed import namespaces_unavailable
 
@@ -35,15 +48,15 @@ def test_a_short_chaos_run_injects_every_fault_and_breaks_no_invariant(backend: 
         if os.environ.get("CI") == "true":
             pytest.fail(f"the {backend} chaos run cannot run: {why}")
         pytest.skip(f"the {backend} chaos run needs simulated hosts (root) and etcd: {why}")
-    command = [sys.executable, str(REPO / "tools" / "chaos.py"), "--hosts", "3", "--writers", "3"]
+    command = [sys.executable, "-m", "tools.chaos", "--hosts", "3", "--writers", "3"]
     command += ["--readers", "2", "--seconds", "30", "--seed", "20240611", "--json", "--backend", backend]
     if backend == "etcd":
         command += ["--ttl", "2"]  # etcd counts lease TTLs in whole seconds
-    result = subprocess.run(command, capture_output=True, text=True, timeout=420, check=False)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420, check=False)
     assert result.returncode in (0, 1) and result.stdout, f"the harness failed:\n{result.stderr[-6000:]}"
     data = json.loads(result.stdout)
-    shown = f"{chaos.render(data)}\n--- harness log ---\n{result.stderr[-4000:]}"
-    assert data["violations"] == dict.fromkeys(chaos.INVARIANTS, 0), shown
+    shown = f"{render(data)}\n--- harness log ---\n{result.stderr[-4000:]}"
+    assert data["violations"] == dict.fromkeys(INVARIANTS, 0), shown
     assert [kind for kind, count in data["faults"].items() if count == 0] == [], shown
     operations = data["operations"]
     assert operations["grants"] > 3 and operations["acknowledged_records"] > 50, shown
@@ -69,37 +82,37 @@ def grant(t0: float, t1: float, token: int, host: str) -> dict[str, Any]:
 
 
 def test_two_tokens_certainly_held_at_once_are_a_violation() -> None:
-    report = chaos.Report()
+    report = Report()
     # Token 1 is held at 0 (1.5 s left) and seen again at 0.8; token 2 is held from 0.5 to 0.7.
     history = [status(0.0, 1, "a"), status(0.5, 2, "b"), status(0.7, 2, "b"), status(0.8, 1, "a")]
-    chaos.check_leases({}, history, TTL, report)
+    check_leases({}, history, TTL, report)
     assert any("both certainly held" in text for text in report.violations["1"]), report.violations
 
 
 def test_a_holder_last_seen_before_the_next_grant_is_no_violation() -> None:
-    report = chaos.Report()
+    report = Report()
     # Token 1 was seen held at 0 with 1.5 s left, but not after 0.3: it may have been released.
     history = [status(0.0, 1, "a"), status(0.3, 1, "a"), status(0.5, 2, "b"), status(1.0, 2, "b")]
-    chaos.check_leases({"w1-0": [grant(0.4, 0.45, 2, "b")]}, history, TTL, report)
+    check_leases({"w1-0": [grant(0.4, 0.45, 2, "b")]}, history, TTL, report)
     assert report.violations["1"] == []
     assert report.leases["tokens_seen"] == 2
 
 
 def test_a_grant_before_the_previous_holders_promised_expiry_is_a_violation() -> None:
-    report = chaos.Report()
+    report = Report()
     # Token 1 was promised until 1.5 and nothing on host a could have released it early, yet
     # token 2 was granted to host b at 0.6: the broker took the lease away before its expiry.
     history = [status(0.0, 1, "a"), status(0.1, 1, "a")]
-    chaos.check_leases({"w1-0": [grant(0.5, 0.6, 2, "b")]}, history, TTL, report, chaos.EndWindows())
+    check_leases({"w1-0": [grant(0.5, 0.6, 2, "b")]}, history, TTL, report, EndWindows())
     assert any("both certainly held" in text for text in report.violations["1"]), report.violations
 
 
 def test_a_release_that_may_have_ended_the_lease_excuses_the_next_grant() -> None:
-    report = chaos.Report()
+    report = Report()
     history = [status(0.0, 1, "a"), status(0.1, 1, "a")]
-    windows = chaos.EndWindows()
+    windows = EndWindows()
     windows.add("a", 0.3, 0.35)  # host a's agent was asked to release in [0.3, 0.35]
-    chaos.check_leases({"w1-0": [grant(0.5, 0.6, 2, "b")]}, history, TTL, report, windows)
+    check_leases({"w1-0": [grant(0.5, 0.6, 2, "b")]}, history, TTL, report, windows)
     assert report.violations["1"] == []
 
 
@@ -124,50 +137,48 @@ def test_an_acquire_cut_short_by_a_kill_may_release_until_the_agent_answers_agai
         ],
     }
     faults = [{"ev": "fault", "kind": "kill-writer", "client": "w0.3", "t0": 2.0, "t1": 2.0}]
-    windows = chaos.end_windows(history, faults, {})
+    windows = end_windows(history, faults, {})
     assert windows.by_host["a"] == [(1.0, 5.0)]
 
 
 def test_a_token_seen_again_after_a_newer_one_is_a_violation() -> None:
-    report = chaos.Report()
+    report = Report()
     history = [status(0.0, 2, "b", state="orphaned"), status(1.0, 1, "a", state="orphaned")]
-    chaos.check_leases({}, history, TTL, report)
+    check_leases({}, history, TTL, report)
     assert any("seen after token 2" in text for text in report.violations["1"]), report.violations
 
 
 def test_one_token_on_two_hosts_is_a_violation() -> None:
-    report = chaos.Report()
-    chaos.check_leases(
-        {"w0-0": [grant(0.0, 0.1, 3, "a")]}, [status(5.0, 3, "b", state="orphaned")], TTL, report
-    )
+    report = Report()
+    check_leases({"w0-0": [grant(0.0, 0.1, 3, "a")]}, [status(5.0, 3, "b", state="orphaned")], TTL, report)
     assert any("several hosts" in text for text in report.violations["1"]), report.violations
 
 
 def manifest(token: int, count: int) -> dict[str, Any]:
-    return {"token": token, "databases": {chaos.DB_NAME: {"count": count}}}
+    return {"token": token, "databases": {DB_NAME: {"count": count}}}
 
 
 def test_a_generation_with_an_older_token_is_a_violation() -> None:
-    report = chaos.Report()
-    chaos.check_fencing({}, {1: manifest(1, 0), 2: manifest(2, 5), 3: manifest(1, 9)}, report)
+    report = Report()
+    check_fencing({}, {1: manifest(1, 0), 2: manifest(2, 5), 3: manifest(1, 9)}, report)
     assert any("generation 3 has token 1" in text for text in report.violations["2"]), report.violations
 
 
 def test_a_flush_accepted_after_a_newer_grant_is_a_violation() -> None:
-    report = chaos.Report()
+    report = Report()
     clients = {
         "w0-0": [{"ev": "flush_ok", "t0": 2.0, "token": 1, "generation": 3, "records": 4, "acked": []}],
         "w1-0": [grant(0.5, 1.0, 2, "b")],
     }
-    chaos.check_fencing(clients, {1: manifest(1, 0), 2: manifest(2, 0), 3: manifest(1, 4)}, report)
+    check_fencing(clients, {1: manifest(1, 0), 2: manifest(2, 0), 3: manifest(1, 4)}, report)
     assert any("after token 2 was granted" in text for text in report.violations["2"]), report.violations
 
 
 def test_an_acknowledged_record_missing_or_replaced_is_a_violation() -> None:
-    report = chaos.Report()
+    report = Report()
     flush = {"ev": "flush_ok", "t0": 1.0, "token": 1, "generation": 2, "records": 3}
     flush["acked"] = [[0, 0, "aa"], [1, 1, "bb"], [2, 2, "cc"]]
-    chaos.check_acknowledged({"w0-0": [flush]}, {0: "aa", 1: "xx"}, report)
+    check_acknowledged({"w0-0": [flush]}, {0: "aa", 1: "xx"}, report)
     assert len(report.violations["3"]) == 2, report.violations
     assert "replaced by a record never acknowledged" in report.violations["3"][0]
     assert "not in the final store" in report.violations["3"][1]
@@ -186,7 +197,7 @@ def read(t0: float, generation: int, count: int) -> dict[str, Any]:
 
 
 def test_torn_and_inconsistent_reads_are_violations() -> None:
-    report = chaos.Report()
+    report = Report()
     torn = read(1.0, 1, 2)
     torn["bad"] = [{"index": 1, "why": "content does not match its embedded ids"}]
     back = read(2.0, 2, 1)  # the count went back as the generation went forward
@@ -194,18 +205,18 @@ def test_torn_and_inconsistent_reads_are_violations() -> None:
     vanished = read(4.0, 2, 2)
     vanished["seen"] = [[0, "0123456789abcdef"]]
     manifests = {1: manifest(1, 2), 2: manifest(1, 1)}
-    chaos.check_reads({"r0-0": [torn, back, wrong, vanished]}, manifests, {0: "ffff"}, report)
+    check_reads({"r0-0": [torn, back, wrong, vanished]}, manifests, {0: "ffff"}, report)
     texts = "\n".join(report.violations["4"])
     assert "embedded ids" in texts and "count went back" in texts and "which has 2" in texts, texts
     assert "the final store has another" in texts, texts
 
 
 def test_payloads_identify_their_writer_and_nothing_else() -> None:
-    array = chaos.payload(2, 5, 77)
-    assert chaos.identify(array) == (2, 5, 77)
+    array = payload(2, 5, 77)
+    assert identify(array) == (2, 5, 77)
     damaged = array.copy()
     damaged[3, 3] += 1
-    assert chaos.identify(damaged) is None
+    assert identify(damaged) is None
 
 
 # Invariant 7: host "a" wrote under token 2, the store held 5 records (indices 0..4) when it died
@@ -245,48 +256,48 @@ def free(s0: float) -> dict[str, Any]:
 
 
 def test_a_dead_dirty_holders_project_granted_elsewhere_without_a_break_is_a_violation() -> None:
-    report = chaos.Report()
-    chaos.check_orphans(writers(grant(12.0, 12.2, 3, "b")), [], [dirty_death()], report)
+    report = Report()
+    check_orphans(writers(grant(12.0, 12.2, 3, "b")), [], [dirty_death()], report)
     assert len(report.violations["7"]) == 1, report.violations
     assert "token 3 was granted to b" in report.violations["7"][0]
     assert report.orphans["dirty_deaths"] == 1 and report.orphans["stranded_records"] == 1
 
 
 def test_a_dead_dirty_holders_project_shown_free_is_a_violation() -> None:
-    report = chaos.Report()
+    report = Report()
     orphaned = status(11.0, 2, "a", state="orphaned")
-    chaos.check_orphans(writers(), [orphaned, free(12.0)], [dirty_death()], report)
+    check_orphans(writers(), [orphaned, free(12.0)], [dirty_death()], report)
     assert any("showed the project lock-delay" in text for text in report.violations["7"]), report.violations
     assert report.orphans["orphaned_seen"] == 1
 
 
 def test_a_break_while_the_holder_is_down_excuses_the_next_grant() -> None:
-    report = chaos.Report()
+    report = Report()
     faults = [
         dirty_death(),
         {"ev": "breaking", "t0": 11.5},
         {"ev": "fault", "kind": "break", "t0": 11.5, "t_break": 11.5, "t1": 11.9},
     ]
-    chaos.check_orphans(writers(grant(12.0, 12.2, 3, "b")), [free(12.5)], faults, report)
+    check_orphans(writers(grant(12.0, 12.2, 3, "b")), [free(12.5)], faults, report)
     assert report.violations["7"] == []
     assert report.orphans["broken_while_down"] == 1
 
 
 def test_flushed_records_and_grants_after_the_restart_are_no_violation() -> None:
-    report = chaos.Report()
+    report = Report()
     # The store already had record 5 when "a" died: it died clean, the project may go free.
-    chaos.check_orphans(writers(grant(12.0, 12.2, 3, "b")), [free(12.5)], [dirty_death(count=6)], report)
+    check_orphans(writers(grant(12.0, 12.2, 3, "b")), [free(12.5)], [dirty_death(count=6)], report)
     assert report.violations["7"] == [] and report.orphans["dirty_deaths"] == 0
     # A grant that returned after "a" was started again: it may have come back and flushed.
-    report = chaos.Report()
-    chaos.check_orphans(writers(grant(15.5, 16.2, 3, "b")), [], [dirty_death()], report)
+    report = Report()
+    check_orphans(writers(grant(15.5, 16.2, 3, "b")), [], [dirty_death()], report)
     assert report.violations["7"] == [] and report.orphans["dirty_deaths"] == 1
 
 
 def test_the_nemesis_sees_only_history_lines_written_after_it_began_to_watch(tmp_path: Path) -> None:
     path = tmp_path / "history.jsonl"
     path.write_text('{"ev": "append", "seq": 0}\n{"ev": "app')
-    tail = chaos._Tail(path)
+    tail = Tail(path)
     with open(path, "a") as handle:
         handle.write('end", "seq": 1}\n{"ev": "flush_ok"}\n{"ev": "append", "se')
     assert [e["ev"] for e in tail.read()] == ["flush_ok"]
@@ -296,7 +307,7 @@ def test_the_nemesis_sees_only_history_lines_written_after_it_began_to_watch(tmp
 
 
 def test_a_break_of_an_older_lease_does_not_excuse_records_of_a_newer_one() -> None:
-    report = chaos.Report()
+    report = Report()
     clients = writers(grant(12.0, 12.2, 5, "b"))
     # Host a's lease of token 2 was broken at 3.0; it was granted token 4 at 5.0 and wrote
     # record 6 under it: no break since then, so granting b while a is down is a violation.
@@ -309,6 +320,6 @@ def test_a_break_of_an_older_lease_does_not_excuse_records_of_a_newer_one() -> N
         {"ev": "fault", "kind": "break", "t0": 3.0, "t_break": 3.0, "t1": 3.4},
         dirty_death(),
     ]
-    chaos.check_orphans(clients, [], faults, report)
+    check_orphans(clients, [], faults, report)
     assert len(report.violations["7"]) == 1, report.violations
     assert "records of token 4" in report.violations["7"][0]

@@ -23,16 +23,11 @@ from dbguard.data import flushing, uncached
 from dbguard.data.project import Project
 from dbguard.data.project import init as init_project
 from dbguard.data.store import ProjectStore
-from tests.test_data_e2e import dbguard_json, read_all, script, write_images
+from tests.support import INTEGRITY, dbguard_json, identity, read_all, script, write_images
 from tools.sshfs import SshServer, sshfs_unavailable
 from tools.testbed import BrokerProcess, Host, SimHost, namespaces_unavailable, wait_for
 
-INTEGRITY = 6
 HELD = 3
-
-
-def identity(project: Path) -> str:
-    return str(json.loads((project / ".dbguard" / "project.json").read_text())["id"])
 
 
 def flip_payload_byte(project: Path, db: str, index: int) -> Path:

@@ -11,45 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.conftest import TTL
+from tests.support import TTL, dbguard_json, read_all, script, write_images
 from tools.testbed import Host, wait_for
-
-
-def script(host: Host, code: str) -> str:
-    """Run Python on a host; return its stdout, failing the test with stderr if it fails."""
-    result = host.python(textwrap.dedent(code))
-    assert result.returncode == 0, f"on {host.name}:\n{result.stderr}"
-    return result.stdout
-
-
-def dbguard_json(host: Host, *args: str) -> Any:
-    result = host.run(*args, "--json")
-    assert result.returncode == 0, f"dbguard {' '.join(args)} on {host.name}: {result.stderr}"
-    return json.loads(result.stdout)
-
-
-def write_images(host: Host, project: Path, count: int, start: int = 0, db: str = "images") -> None:
-    script(
-        host,
-        f"""
-        import numpy as np, dbguard
-        with dbguard.open({str(project)!r}, {db!r}, "a") as db:
-            for i in range({start}, {start + count}):
-                db.append(np.full((32, 48), i, np.float32), attrs={{"n": i, "host": {host.name!r}}})
-        """,
-    )
-
-
-def read_all(host: Host, project: Path, db: str = "images") -> list[tuple[float, dict[str, Any]]]:
-    out = script(
-        host,
-        f"""
-        import json, dbguard
-        with dbguard.open({str(project)!r}, {db!r}, "r") as db:
-            print(json.dumps([(float(db[i][0, 0]), db.attrs(i)) for i in range(len(db))]))
-        """,
-    )
-    return [(value, attrs) for value, attrs in json.loads(out)]
 
 
 def test_round_trip_of_dtypes_shapes_and_attributes(

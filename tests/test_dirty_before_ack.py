@@ -18,7 +18,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
 import pytest
 
-from tests.conftest import TTL, MakeSimHost, sim_hosts
+from tests.support import TTL, MakeSimHost, sim_hosts
 from tools.sshfs import sshfs_unavailable
 from tools.testbed import Host, LeaseBackend, SimHost, namespaces_unavailable, wait_for
 

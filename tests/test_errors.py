@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import inspect
 import json
 import os
 import pickle
-import pkgutil
 import re
 import subprocess
 import sys
 import textwrap
-import types
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +36,6 @@ from dbguard.errors import (
     CacheDiskFull,
     ExitCode,
     GuardError,
-    error_classes,
     from_cache_error,
     from_reply,
 )
@@ -48,7 +43,7 @@ from dbguard.lease import protocol
 from dbguard.lease.client import Client
 from dbguard.lease.protocol import AgentOp, ErrorKind
 from dbguard.settings import load
-from tests.conftest import small_tmpfs
+from tests.support import all_cache_errors, all_guard_errors, sample, small_tmpfs
 from tools.testbed import Host, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,43 +53,6 @@ NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 
 
 # --------------------------------------------------------------------------- the classes
-
-
-def all_guard_errors() -> list[type[GuardError]]:
-    """Every GuardError class of dbguard, after importing every module that may define one."""
-    for module in pkgutil.walk_packages(dbguard.__path__, "dbguard."):
-        if not module.name.endswith("__main__"):  # that one runs the command
-            importlib.import_module(module.name)
-    return [cls for cls in error_classes() if cls.__module__.startswith("dbguard")]
-
-
-def all_cache_errors() -> list[type[CacheError]]:
-    found: list[type[CacheError]] = [CacheError]
-    for cls in found:
-        found.extend(sub for sub in cls.__subclasses__() if sub not in found)
-    return found
-
-
-def _sample_value(hint: Any, name: str, n: int) -> Any:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return _sample_value(args[0], name, n)
-    base = typing.get_origin(hint) or hint
-    if base is int:
-        return 40 + n
-    if base is dict:
-        return {"host": "host-z", "user": "zed", "since": 1.5, "token": 40 + n, "unflushed": 7}
-    return f"/{name}-{n}"
-
-
-def sample(cls: type[BaseException]) -> BaseException:
-    """An instance of ``cls`` whose every field has a value of its own type, none the default."""
-    hints = typing.get_type_hints(cls.__init__)
-    names = list(inspect.signature(cls.__init__).parameters)[1:]
-    if issubclass(cls, GuardError):
-        values = {name: _sample_value(hints[name], name, n) for n, name in enumerate(names[1:])}
-        return cls(f"{cls.__name__} happened, because of /a/path; do this", **values)
-    return cls(*(_sample_value(hints.get(name, str), name, n) for n, name in enumerate(names)))
 
 
 def describe(error: GuardError) -> dict[str, Any]:
@@ -205,7 +163,7 @@ RAISING_AGENT = textwrap.dedent(
     from dbguard.cache import prepare_cache_dir
     from dbguard.agent.server import Agent
     from dbguard.settings import load
-    from tests.test_errors import all_cache_errors, all_guard_errors, sample
+    from tests.support import all_cache_errors, all_guard_errors, sample
 
     classes = {f"{c.__module__}.{c.__qualname__}": c for c in all_guard_errors() + all_cache_errors()}
     settings = load()

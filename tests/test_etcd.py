@@ -18,8 +18,8 @@ import pytest
 from dbguard.errors import UsageError
 from dbguard.lease.etcd import EtcdAddress, EtcdLeases
 from dbguard.lease.etcd_cluster import EtcdCluster
-from tests.conftest import TTL
-from tests.test_leases_e2e import project_state
+from tests.support import TTL, project_state
+from tools.etcd_faults import kill_member
 from tools.testbed import EtcdBackend, Host, wait_for
 
 
@@ -53,7 +53,7 @@ def test_killing_the_leader_keeps_the_lease_and_never_grants_a_second_writer(
     contender = threading.Thread(target=contend)
     contender.start()
     try:
-        cluster.kill(leader)
+        kill_member(cluster, leader)
         new_leader = cluster.wait_for_leader(exclude=leader)
         assert new_leader != leader
         time.sleep(TTL * 2)  # several heartbeats of a's agent go to the new leader
@@ -85,7 +85,7 @@ def test_without_quorum_acquire_exits_4_saying_so_and_work_goes_on_when_it_retur
     down.append(cluster.wait_for_leader())  # the leader and one follower: one member of three left
     try:
         for index in down:
-            cluster.kill(index)
+            kill_member(cluster, index)
         refused = acquire(b, other)
         assert refused.returncode == 4, refused.stderr
         assert "no quorum" in refused.stderr and "start the stopped members" in refused.stderr

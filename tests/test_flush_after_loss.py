@@ -1,6 +1,6 @@
 """A flush never reports success for data that was set aside (invariant 3, as a writer sees it).
 
-Found by the chaos checker (tools/chaos.py): a writer host frozen while dirty, its lease broken
+Found by the chaos checker (tools/chaos/): a writer host frozen while dirty, its lease broken
 and granted to another host, wakes up; its agent's flush is fenced and sets the unflushed data
 aside. The writer then called `dbguard.flush`, which found nothing dirty and returned
 ``{"records": 0, "generation": None}``: the writer took its records for durable, and they were
@@ -14,8 +14,7 @@ import signal
 import textwrap
 from pathlib import Path
 
-from tests.conftest import TTL
-from tests.test_leases_e2e import project_state
+from tests.support import TTL, project_state
 from tools.testbed import Host, wait_for
 
 

@@ -32,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dbguard.lease import protocol
 from dbguard.lease.client import Client
-from tests.conftest import TTL
+from tests.support import TTL
 from tools.testbed import BrokerProcess
 
 # ----------------------------------------------------------------- the oracle

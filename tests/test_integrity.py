@@ -15,40 +15,41 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 
 from dbguard.cache import CacheStore
 from dbguard.data.project import Project
 from dbguard.data.project import init as init_project
-from dbguard.data.store import PendingRecord, ProjectStore
+from dbguard.data.store import ProjectStore
 from dbguard.lease.client import Client
-from tests.conftest import LOCK_DELAY, TTL
+from tests.support import (
+    INTEGRITY,
+    LOCK_DELAY,
+    TTL,
+    RunPython,
+    assert_refused,
+    identity,
+    image,
+    is_refusal,
+    pending,
+    python_on,
+    read_images,
+    snapshot,
+    status,
+    try_to_write,
+    write_numbered_images,
+)
 from tools.testbed import BrokerProcess, Host, free_port
 
-INTEGRITY = 6
 REFUSED = 7  # the share refused a write
 UNFLUSHED = 8  # not released: unflushed data remains
 
-RunPython = Callable[..., subprocess.CompletedProcess[str]]
 
 # ------------------------------------------------------------------ helpers
-
-
-def image(n: int) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """Record ``n``: every record differs in every byte range, so a mix-up would show."""
-    return (np.arange(16 * 24, dtype=np.float32).reshape(16, 24) + 1000 * n).astype(np.float32)
-
-
-def pending(n: int) -> PendingRecord:
-    array = image(n)
-    return PendingRecord("images", n, array.dtype.str, array.shape, array.tobytes(), json.dumps({"n": n}))
 
 
 def build_store(path: Path, batches: list[list[int]]) -> tuple[Project, ProjectStore]:
@@ -60,22 +61,6 @@ def build_store(path: Path, batches: list[list[int]]) -> tuple[Project, ProjectS
     for batch in batches:
         store.flush([pending(n) for n in batch], token=1, writer={"host": "host-w", "user": "w"})
     return project, store
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` and its bytes, to show nothing was rewritten or removed. LMDB's
-    lock.mdb is left out: it is the reader table that every opening process writes to."""
-    files = (p for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock.mdb")
-    return {str(p.relative_to(root)): p.read_bytes() for p in files}
-
-
-def assert_refused(result: subprocess.CompletedProcess[str], code: int, *phrases: str) -> None:
-    """The command failed with ``code``, without a traceback, saying each of ``phrases``."""
-    said = result.stderr + result.stdout
-    assert result.returncode == code, f"exit {result.returncode}, not {code}:\n{said}"
-    assert "Traceback" not in said, said
-    for phrase in phrases:
-        assert phrase in said, f"{phrase!r} not in:\n{said}"
 
 
 @pytest.fixture
@@ -104,35 +89,6 @@ def dbguard(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-# Reads every record of "images" through dbguard.open(project, "images", "r"); each record comes
-# back as its values, or as [error class, exit code, message].
-READER = textwrap.dedent(
-    """
-    import json, sys, dbguard
-
-    def attempt(read):
-        try:
-            return read()
-        except dbguard.GuardError as exc:
-            return [type(exc).__name__, int(exc.exit_code), str(exc)]
-
-    db = attempt(lambda: dbguard.open(sys.argv[1], "images", "r"))
-    if isinstance(db, list):
-        print(json.dumps({"open": db}))
-        sys.exit(0)
-    with db:
-        records = {i: attempt(lambda: db[i].tolist()) for i in range(len(db))}
-        print(json.dumps({"generation": db.generation, "len": len(db), "records": records}))
-    """
-)
-
-
-def read_images(run_python: RunPython, project: Path) -> Any:
-    result = run_python(READER, str(project))
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    return json.loads(result.stdout)
-
-
 def python_in(env: dict[str, str]) -> RunPython:
     def run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -145,29 +101,6 @@ def python_in(env: dict[str, str]) -> RunPython:
         )
 
     return run
-
-
-def python_on(host: Host) -> RunPython:
-    def run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            host.on_host([sys.executable, "-c", code, *args]),
-            env=host.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    return run
-
-
-def is_refusal(value: Any, kind: str, *phrases: str) -> bool:
-    return (
-        isinstance(value, list)
-        and value[0] == kind
-        and value[1] == INTEGRITY
-        and all(phrase in value[2] for phrase in phrases)
-    )
 
 
 # ---------------------------------------------------------------- manifests
@@ -265,9 +198,9 @@ def test_a_writer_cannot_flush_or_take_over_past_a_damaged_newest_manifest(
 ) -> None:
     a, b = hosts["a"], hosts["b"]
     assert a.run("acquire", str(project)).returncode == 0
-    write_images(a, project, range(4))
+    write_numbered_images(a, project, range(4))
     assert a.run("flush", str(project)).returncode == 0
-    write_images(a, project, range(4, 6))  # unflushed
+    write_numbered_images(a, project, range(4, 6))  # unflushed
     project_id = identity(project)
     dirty = CacheStore.dirty_bytes_of(a.cache, project_id)
     store = ProjectStore(project, project_id)
@@ -468,57 +401,14 @@ def test_a_broker_with_damaged_state_refuses_to_start_instead_of_serving_lost_to
 # ------------------------------------------------------------------- caches
 
 
-def identity(project: Path) -> str:
-    return str(json.loads((project / ".dbguard" / "project.json").read_text())["id"])
-
-
-def write_images(host: Host, project: Path, numbers: range) -> None:
-    result = python_on(host)(
-        textwrap.dedent(
-            f"""
-            import numpy as np, dbguard
-            with dbguard.open({str(project)!r}, "images", "a") as db:
-                for n in {list(numbers)!r}:
-                    db[n] = (np.arange(16 * 24, dtype=np.float32).reshape(16, 24) + 1000 * n)
-            """
-        )
-    )
-    assert result.returncode == 0, result.stderr
-
-
-def try_to_write(host: Host, project: Path) -> Any:
-    result = python_on(host)(
-        textwrap.dedent(
-            f"""
-            import json, numpy as np, dbguard
-            try:
-                with dbguard.open({str(project)!r}, "images", "a") as db:
-                    db.append(np.zeros((16, 24), np.float32))
-                print(json.dumps("written"))
-            except dbguard.GuardError as exc:
-                print(json.dumps([type(exc).__name__, int(exc.exit_code), str(exc)]))
-            """
-        )
-    )
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    return json.loads(result.stdout)
-
-
-def lease_state(host: Host, project: Path) -> dict[str, Any]:
-    result = host.run("status", str(project), "--json")
-    assert result.returncode == 0, result.stderr
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
-
-
 def test_a_damaged_cache_environment_is_refused_by_every_writer_and_reader_and_the_agent_lives_on(
     hosts: dict[str, Host], project: Path, tmp_path: Path
 ) -> None:
     a, b = hosts["a"], hosts["b"]
     assert a.run("acquire", str(project)).returncode == 0
-    write_images(a, project, range(4))
+    write_numbered_images(a, project, range(4))
     assert a.run("flush", str(project)).returncode == 0
-    write_images(a, project, range(4, 7))  # unflushed
+    write_numbered_images(a, project, range(4, 7))  # unflushed
     environment = a.cache / "projects" / identity(project)
     _garbage_everywhere(environment / "data.mdb")
     damaged = snapshot(environment)
@@ -539,16 +429,16 @@ def test_a_damaged_cache_environment_is_refused_by_every_writer_and_reader_and_t
 
     # The agent is alive and still renews the lease, reporting unflushed data it cannot read.
     time.sleep(2 * TTL)
-    status = lease_state(a, project)
+    seen = status(a, project)
     assert a.agent_pid() == agent
-    assert status["projects"][0]["state"] == "held" and status["projects"][0]["writer"]["host"] == "host-a"
-    assert status["projects"][0]["writer"]["unflushed"] > 0
-    assert any(str(environment) in notice["text"] for notice in status["agent"]["notices"])
+    assert seen["projects"][0]["state"] == "held" and seen["projects"][0]["writer"]["host"] == "host-a"
+    assert seen["projects"][0]["writer"]["unflushed"] > 0
+    assert any(str(environment) in notice["text"] for notice in seen["agent"]["notices"])
     assert snapshot(environment) == damaged  # nothing dropped or rewritten
 
     # The advice works: moved aside, the project gets a fresh cache and the writer goes on.
     environment.rename(tmp_path / "kept-for-inspection")
-    write_images(a, project, range(4, 6))
+    write_numbered_images(a, project, range(4, 6))
     assert a.run("flush", str(project)).returncode == 0
     seen = read_images(python_on(b), project)
     assert seen["records"] == {str(n): image(n).tolist() for n in range(6)}
@@ -557,7 +447,7 @@ def test_a_damaged_cache_environment_is_refused_by_every_writer_and_reader_and_t
     # A cache damaged between two leases: the next acquire is refused and holds nothing.
     _garbage_everywhere(environment / "data.mdb")
     assert_refused(a.run("acquire", str(project)), INTEGRITY, str(environment), fix)
-    assert lease_state(a, project)["projects"][0]["state"] != "held"
+    assert status(a, project)["projects"][0]["state"] != "held"
     assert a.agent_pid() == agent
 
 
@@ -584,9 +474,9 @@ def test_an_unwritable_project_fails_flush_and_acquire_clearly_and_keeps_the_cac
     other.mkdir()
     assert c.run("init", str(other)).returncode == 0
     assert a.run("acquire", str(project)).returncode == 0
-    write_images(a, project, range(5))
+    write_numbered_images(a, project, range(5))
     assert a.run("flush", str(project)).returncode == 0
-    write_images(a, project, range(5, 8))  # unflushed
+    write_numbered_images(a, project, range(5, 8))  # unflushed
     project_id = identity(project)
     with CacheStore(a.cache, project_id) as cache:
         dirty, entries = cache.dirty_bytes(), cache.dirty_entries()
@@ -603,14 +493,12 @@ def test_an_unwritable_project_fails_flush_and_acquire_clearly_and_keeps_the_cac
         released = a.run("release", str(project))
         assert released.returncode == UNFLUSHED and "not released" in released.stderr
         assert "Traceback" not in released.stderr
-        status = lease_state(a, project)
-        assert (
-            status["projects"][0]["state"] == "held" and status["projects"][0]["writer"]["host"] == "host-a"
-        )
-        assert any("Read-only file system" in n["text"] for n in status["agent"]["notices"])
+        seen = status(a, project)
+        assert seen["projects"][0]["state"] == "held" and seen["projects"][0]["writer"]["host"] == "host-a"
+        assert any("Read-only file system" in n["text"] for n in seen["agent"]["notices"])
         taken = c.run("acquire", str(other))
         assert_refused(taken, REFUSED, str(other / ".dbguard" / "store"), "Read-only file system", fix)
-        assert lease_state(c, other)["projects"][0]["state"] == "free"  # the refused writer let go
+        assert status(c, other)["projects"][0]["state"] == "free"  # the refused writer let go
 
     with CacheStore(a.cache, project_id) as cache:
         assert cache.dirty_bytes() == dirty and cache.dirty_entries() == entries

@@ -8,6 +8,10 @@ of different holders never overlap, tokens only grow (across restarts too), noth
 during a restart's grace period, a dirty lapsed lease is orphaned and a clean one passes through
 the lock-delay, queues are served first come first served, and grants are synced to disk.
 
+The steps come from tests/lease_sequences.py, which tests/test_lease_rules_etcd.py shares: there
+the same sequences drive the embedded broker and the etcd service side by side, so the etcd
+re-implementation of these rules cannot drift from the table that this model checks.
+
 Clock values are whole numbers held in floats, so the deadlines computed here and in the table
 agree exactly whatever the offset between the test's global clock and the broker's monotonic one
 (a rebooted broker machine starts its monotonic clock again).
@@ -23,17 +27,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from dbguard.lease.rules import Decision, Holder, LeaseState, LeaseTable, Timing
+from dbguard.lease.rules import Decision, Holder, LeaseState, LeaseTable, RenewItem, Timing
+from tests import lease_sequences as steps
+from tests.lease_sequences import ANN, BOB, PROJECTS
 
-ANN = Holder("alpha", "ann", "agent-1", "/tmp/dbguard-ann")
-# The same user, host and cache with a new agent id: ann's agent restarted and reclaims her leases.
-ANN_RESTARTED = Holder("alpha", "ann", "agent-2", "/tmp/dbguard-ann")
-# The same user and host with another cache directory: a different holder.
-ANN_SCRATCH = Holder("alpha", "ann", "agent-3", "/scratch/ann")
-BOB = Holder("beta", "bob", "agent-4", "/tmp/dbguard-bob")
-CAT = Holder("gamma", "cat", "agent-5", "/tmp/dbguard-cat")
-HOLDERS = [ANN, ANN_RESTARTED, ANN_SCRATCH, BOB, CAT]
-PROJECTS = ["p1", "p2", "p3"]
 WALL_EPOCH = 1_700_000_000.0
 
 # ttl, lock_delay, grace. The third and fifth have a lock-delay longer than the grace period,
@@ -45,11 +42,6 @@ TIMINGS = [
     Timing(ttl=5, lock_delay=5, grace=12),
     Timing(ttl=6, lock_delay=15, grace=6),
 ]
-
-# How a request picks its token: the one this holder was last granted for the project, the
-# project's newest, an older one, none (a reader), or one from the future.
-TOKEN_CHOICES = ["mine", "newest", "older", "zero", "future"]
-FLOOR_CHOICES = ["zero", "newest", "above", "below"]
 
 
 def restart_table(timing: Timing, records: list[dict[str, Any]], now: float) -> LeaseTable:
@@ -219,7 +211,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
         return {
             "mine": self.tokens.get((project, holder.key), 0),
             "newest": last,
-            "older": max(0, last - 1),
+            "older": max(0, last - 1),  # tokens here count grants: mostly the one before the newest
             "zero": 0,
             "future": last + 1,
         }[choice]
@@ -319,15 +311,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
         self.table = LeaseTable(timing)
         self.offset = -float(start)
 
-    @rule(
-        holder=st.sampled_from(HOLDERS),
-        project=st.sampled_from(PROJECTS),
-        wait=st.booleans(),
-        takeover=st.booleans(),
-        floor_choice=st.sampled_from(FLOOR_CHOICES),
-        unflushed=st.sampled_from([0, 0, 7]),
-        dirty=st.sampled_from([False, False, True]),
-    )
+    @steps.ACQUIRE_WRITE
     def acquire_write(
         self,
         holder: Holder,
@@ -338,8 +322,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
         unflushed: int,
         dirty: bool,
     ) -> None:
-        last = self.models[project].last_token
-        floor = {"zero": 0, "newest": last, "above": last + 3, "below": max(0, last - 1)}[floor_choice]
+        floor = steps.pick_floor(floor_choice, self.models[project].last_token)
         decision = self.table.acquire(
             project,
             holder,
@@ -392,32 +375,23 @@ class LeaseClockMachine(RuleBasedStateMachine):
                 assert decision.fields["holder"]["host"] == o.holder.host
         self.persist()
 
-    @rule(
-        holder=st.sampled_from(HOLDERS),
-        items=st.lists(
-            st.tuples(st.sampled_from(PROJECTS), st.sampled_from(TOKEN_CHOICES), st.sampled_from([0, 0, 5])),
-            min_size=1,
-            max_size=2,
-            unique_by=lambda item: item[0],
-        ),
-    )
+    @steps.RENEW
     def renew(self, holder: Holder, items: list[tuple[str, str, int]]) -> None:
         requests = [
-            {"project": p, "token": self.pick_token(p, holder, choice), "unflushed": unflushed}
-            for p, choice, unflushed in items
+            RenewItem(p, self.pick_token(p, holder, choice), unflushed) for p, choice, unflushed in items
         ]
         results = self.table.renew(holder, requests, self.now, self.wall)
-        assert [r["project"] for r in results] == [r["project"] for r in requests]
+        assert [r["project"] for r in results] == [r.project for r in requests]
         for request, result in zip(requests, results, strict=True):
-            pm = self.touch(request["project"])
+            pm = self.touch(request.project)
             o = pm.owner
-            token = request["token"]
+            token = request.token
             if o is not None and o.key == holder.key and o.token == token:
                 assert result["ok"], result
                 assert result["takeover_by"] == (
                     o.takeover_by if o.state(self.t, self.timing) is LeaseState.HELD else None
                 )
-                self.resume(pm, holder, request["unflushed"])
+                self.resume(pm, holder, request.unflushed)
             elif holder.key in pm.readers and token == 0:
                 assert result["ok"], result
                 pm.readers[holder.key] = self.t + self.timing.ttl
@@ -433,13 +407,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
                 assert result["current_token"] == pm.last_token
         self.persist()
 
-    @rule(
-        holder=st.sampled_from(HOLDERS),
-        project=st.sampled_from(PROJECTS),
-        choice=st.sampled_from(["mine", "newest", "older"]),
-        dirty=st.booleans(),
-        unflushed=st.sampled_from([0, 5]),
-    )
+    @steps.MARK
     def mark(self, holder: Holder, project: str, choice: str, dirty: bool, unflushed: int) -> None:
         """The holder's agent marks its lease dirty before a write, or clean after a flush."""
         token = self.pick_token(project, holder, choice)
@@ -458,7 +426,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
             assert decision.kind == "lost", decision
         self.persist()
 
-    @rule(project=st.sampled_from([*PROJECTS, "never-seen"]))
+    @steps.STATUS
     def status(self, project: str) -> None:
         report = self.table.status(project, self.now, self.wall)
         if project in self.models:
@@ -643,7 +611,7 @@ class LeaseClockMachine(RuleBasedStateMachine):
 class LeaseTableMachine(LeaseClockMachine):
     """Every kind of request: readers, releases, queues, takeovers and operator breaks too."""
 
-    @rule(holder=st.sampled_from(HOLDERS), project=st.sampled_from(PROJECTS))
+    @steps.ACQUIRE_READ
     def acquire_read(self, holder: Holder, project: str) -> None:
         decision = self.table.acquire(project, holder, self.now, self.wall, mode="read")
         assert decision.kind == "granted"
@@ -652,12 +620,7 @@ class LeaseTableMachine(LeaseClockMachine):
         pm.readers[holder.key] = self.t + self.timing.ttl
         self.persist()
 
-    @rule(
-        holder=st.sampled_from(HOLDERS),
-        project=st.sampled_from(PROJECTS),
-        choice=st.sampled_from([*TOKEN_CHOICES, None]),
-        mode=st.sampled_from(["write", "write", "read"]),
-    )
+    @steps.RELEASE
     def release(self, holder: Holder, project: str, choice: str | None, mode: str) -> None:
         token = None if choice is None else self.pick_token(project, holder, choice)
         decision = self.table.release(project, holder, token, self.now, self.wall, mode=mode)
@@ -674,7 +637,7 @@ class LeaseTableMachine(LeaseClockMachine):
             self.close(pm, min(self.t, o.hold_end()), free_after=self.t)
         self.persist()
 
-    @rule(holder=st.sampled_from(HOLDERS), project=st.sampled_from(PROJECTS))
+    @steps.LEAVE_QUEUE
     def leave_queue(self, holder: Holder, project: str) -> None:
         decision = self.table.leave_queue(project, holder, self.now, self.wall)
         assert decision.kind == "ok"
@@ -684,7 +647,7 @@ class LeaseTableMachine(LeaseClockMachine):
             pm.owner.takeover_by = None
         self.persist()
 
-    @rule(project=st.sampled_from(PROJECTS))
+    @steps.BREAK
     def break_lease(self, project: str) -> None:
         decision = self.table.break_lease(project, self.now, self.wall)
         assert decision.kind == "ok"
@@ -725,7 +688,7 @@ def test_renew_with_a_stale_token_is_refused_with_reason_superseded() -> None:
     assert second.fields["token"] > first.fields["token"]
 
     # ann's delayed heartbeat still carries her old token
-    [result] = table.renew(ANN, [{"project": "p", "token": first.fields["token"], "unflushed": 0}], 3, 0)
+    [result] = table.renew(ANN, [RenewItem("p", first.fields["token"], 0)], 3, 0)
 
     assert result["ok"] is False
     assert result["reason"] == "superseded"
@@ -761,7 +724,7 @@ def test_restart_opens_grace_only_when_a_lease_was_live() -> None:
     assert held.in_grace(100)
     assert held.acquire("p", BOB, 100, WALL_EPOCH + 100).kind == "held"
     assert held.acquire("q", BOB, 100, WALL_EPOCH + 100).kind == "grace"
-    [renewed] = held.renew(ANN, [{"project": "p", "token": 1, "unflushed": 0}], 101, WALL_EPOCH + 101)
+    [renewed] = held.renew(ANN, [RenewItem("p", 1, 0)], 101, WALL_EPOCH + 101)
     assert renewed["ok"] is True
 
     released = restart_table(TIMING, durable_after(["release"]), 100)

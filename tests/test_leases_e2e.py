@@ -12,13 +12,12 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from dbguard.cache import CacheStore
-from tests.conftest import LOCK_DELAY, TTL
+from tests.support import LOCK_DELAY, TTL, acquire, project_state, status
 from tools.testbed import EtcdBackend, Host, LeaseBackend, wait_for
 
 
@@ -30,25 +29,6 @@ def backend(request: pytest.FixtureRequest) -> LeaseBackend:
         return etcd
     broker: LeaseBackend = request.getfixturevalue("broker")
     return broker
-
-
-def status(host: Host, project: Path) -> dict[str, Any]:
-    result = host.run("status", str(project), "--json")
-    assert result.returncode == 0, result.stderr
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
-
-
-def project_state(host: Host, project: Path) -> dict[str, Any]:
-    item: dict[str, Any] = status(host, project)["projects"][0]
-    return item
-
-
-def acquire(host: Host, project: Path, *args: str) -> dict[str, Any]:
-    result = host.run("acquire", str(project), "--json", *args)
-    assert result.returncode == 0, f"acquire on {host.name} failed ({result.returncode}): {result.stderr}"
-    lease: dict[str, Any] = json.loads(result.stdout)
-    return lease
 
 
 def make_dirty(host: Host, project: Path) -> None:

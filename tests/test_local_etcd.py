@@ -22,6 +22,7 @@ from etcd3gw.exceptions import Etcd3Exception
 from dbguard.errors import EtcdClusterError
 from dbguard.lease import etcd_cluster as local_etcd
 from dbguard.lease.etcd_cluster import EtcdCluster, etcd_unavailable
+from tools.etcd_faults import kill_member, pause_member, resume_member
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +96,7 @@ def test_a_fresh_cluster_has_a_leader_and_every_member_serves_puts(cluster: Etcd
 def test_killing_the_leader_elects_another_and_writes_go_on(cluster: EtcdCluster) -> None:
     old = cluster.wait_for_leader()
     _client(cluster, old).put("before", "crash")
-    cluster.kill(old)
+    kill_member(cluster, old)
     assert old not in cluster.running()
     new = cluster.wait_for_leader(timeout=10, exclude=old)
     assert _client(cluster, new).put("after", "crash")
@@ -110,8 +111,8 @@ def test_without_a_majority_writes_fail_and_none_leads_until_a_killed_member_ret
     first, second = leader, (leader + 1) % 3
     survivor = (leader + 2) % 3
     _client(cluster, survivor).put("written", "with quorum")
-    cluster.kill(first)
-    cluster.kill(second)
+    kill_member(cluster, first)
+    kill_member(cluster, second)
 
     with pytest.raises(Etcd3Exception):
         _client(cluster, survivor).put("lost", "no quorum")
@@ -138,7 +139,7 @@ def test_without_a_majority_writes_fail_and_none_leads_until_a_killed_member_ret
 
 def test_a_paused_leader_is_replaced_and_rejoins_when_resumed(cluster: EtcdCluster) -> None:
     paused = cluster.wait_for_leader()
-    cluster.pause(paused)
+    pause_member(cluster, paused)
     started = time.monotonic()
     assert cluster.leader() != paused
     assert time.monotonic() - started < 2, "leader() waited on the paused member"
@@ -146,7 +147,7 @@ def test_a_paused_leader_is_replaced_and_rejoins_when_resumed(cluster: EtcdClust
     assert _client(cluster, new).put("while", "paused")
     assert paused in cluster.running()
 
-    cluster.resume(paused)
+    resume_member(cluster, paused)
     back = _client(cluster, paused)
     _until(
         "the resumed member follows the new leader",

@@ -1,4 +1,4 @@
-"""The field's scenarios, end to end on simulated hosts (DESIGN.md, "Test bed").
+"""The field's scenarios, end to end on simulated hosts (tools/testbed.py).
 
 Each host has its own hostname, its own /tmp (so its own default cache and agent) and its own
 sshfs mount of the shared project directory, at a path of its own. The broker is a real process
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LOCK_DELAY, TTL, sim_hosts
+from tests.support import LOCK_DELAY, TTL, sim_hosts
 from tools.sshfs import sshfs_unavailable
 from tools.testbed import BrokerProcess, SimHost, namespaces_unavailable, wait_for
 

@@ -155,7 +155,7 @@ def _check_whole(store: ProjectStore, expected: dict[int, dict[tuple[str, int], 
     for key, entry in live.items():
         payload = store.read_payload(entry)
         assert record_crc(payload, entry.attrs) == entry.crc
-        # Payloads are readable with numpy alone, given the manifest entry (DESIGN.md).
+        # Payloads are readable with numpy alone, given the manifest entry (docs/design.md, "Files on disk").
         mapped = np.memmap(store.segment_path(entry.segment), entry.dtype, "r", entry.offset, entry.shape)
         assert np.array_equal(mapped, records[key]), f"{key} differs in generation {manifest.generation}"
     return manifest.generation

@@ -38,7 +38,7 @@ from dbguard.data.project import Project
 from dbguard.data.project import init as init_project
 from dbguard.data.store import PendingRecord, ProjectStore, record_crc
 from dbguard.errors import Fenced, GuardError
-from tests.conftest import small_tmpfs
+from tests.support import small_tmpfs
 
 ON_CI = os.environ.get("CI") == "true"
 SIDES = (64, 96, 128, 192, 256)  # float32 images of 16 KiB to 256 KiB

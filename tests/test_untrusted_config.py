@@ -31,7 +31,7 @@ from dbguard.lease.client import Client
 from dbguard.lease.etcd import EtcdLeases, configure
 from dbguard.lease.rules import Timing
 from dbguard.lease.store import LmdbLeaseStore
-from tests.conftest import LOCK_DELAY, TTL
+from tests.support import LOCK_DELAY, TTL
 from tools.testbed import BrokerProcess, EtcdBackend, free_port
 
 HOLDER = {"host": "ws1", "user": "u", "agent": "a", "cache": "/c"}

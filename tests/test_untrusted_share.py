@@ -45,21 +45,22 @@ from dbguard.data.project import init as init_project
 from dbguard.data.project import write_writer_record
 from dbguard.data.store import ProjectStore, _crc_json, record_crc
 from dbguard.errors import ExitCode, GuardError
+from dbguard.results import Status
 from dbguard.settings import Settings
-from tests.conftest import TTL
-from tests.test_integrity import (
+from tests.support import (
     INTEGRITY,
+    TTL,
     assert_refused,
     identity,
     image,
     is_refusal,
-    lease_state,
     pending,
     python_on,
     read_images,
     snapshot,
+    status,
     try_to_write,
-    write_images,
+    write_numbered_images,
 )
 from tools.testbed import BrokerProcess, Host, wait_for
 
@@ -78,7 +79,7 @@ def shared(tmp_path: Path, *names: str) -> list[Path]:
 
 def held_by(host: Host, project: Path, name: str, seen: dict[str, Any] | None = None) -> dict[str, Any]:
     """The project's lease, which host ``name`` must hold (as `status` said, if ``seen``)."""
-    state = (seen or lease_state(host, project))["projects"][0]
+    state = (seen or status(host, project))["projects"][0]
     assert state["state"] == "held" and state["writer"]["host"] == name, state
     return dict(state)
 
@@ -93,9 +94,9 @@ def test_a_truncated_cache_is_refused_with_exit_6_and_the_agent_keeps_serving_th
     damaged, other = shared(tmp_path, "damaged", "other")
     for project in (damaged, other):
         assert a.run("acquire", str(project)).returncode == 0
-    write_images(a, damaged, range(4))
+    write_numbered_images(a, damaged, range(4))
     assert a.run("flush", str(damaged)).returncode == 0
-    write_images(a, damaged, range(4, 6))  # unflushed
+    write_numbered_images(a, damaged, range(4, 6))  # unflushed
     environment = a.cache / "projects" / identity(damaged)
     os.truncate(environment / "data.mdb", 8192)  # the issue's `truncate -s 8192 .../data.mdb`
     agent = a.agent_pid()
@@ -114,7 +115,7 @@ def test_a_truncated_cache_is_refused_with_exit_6_and_the_agent_keeps_serving_th
     time.sleep(2 * TTL)
     assert a.agent_pid() == agent
     assert held_by(a, other, "host-a")["writer"]["unflushed"] == 0
-    seen = lease_state(a, damaged)
+    seen = status(a, damaged)
     assert held_by(a, damaged, "host-a", seen)["writer"]["unflushed"] > 0
     notices = seen["agent"]["notices"]
     assert any(str(environment) in n["text"] and "truncated" in n["text"] for n in notices), notices
@@ -133,7 +134,7 @@ def test_a_truncated_cache_is_refused_with_exit_6_and_the_agent_keeps_serving_th
     # The advice works: moved aside, the project gets a fresh cache and can be cleared.
     environment.rename(tmp_path / "kept-for-inspection")
     assert a.run("clear", str(damaged)).returncode == 0
-    assert lease_state(a, damaged)["projects"][0]["state"] == "free"
+    assert status(a, damaged)["projects"][0]["state"] == "free"
     held_by(a, other, "host-a")
     assert a.agent_pid() == restarted
 
@@ -178,7 +179,7 @@ def test_files_where_directories_belong_and_back_refuse_acquire_with_exit_6_and_
         result = a.run("acquire", str(project))
         refused_at = time.monotonic()
         assert_refused(result, INTEGRITY, str(meta / named), "move that", "aside")
-        assert lease_state(a, project)["projects"][0]["state"] == "free", "the grant must be given back"
+        assert status(a, project)["projects"][0]["state"] == "free", "the grant must be given back"
         assert a.agent_pid() == agent, f"the agent died on {relative}:\n{a.agent_log()[-3000:]}"
         after = sorted(str(p.relative_to(meta)) for p in meta.rglob("*"))
         assert [p for p in after if p not in before and not p.startswith("store")] == [], after
@@ -186,7 +187,7 @@ def test_files_where_directories_belong_and_back_refuse_acquire_with_exit_6_and_
         # The advice works: moved aside, the project can be acquired and written.
         (meta / named).rename(tmp_path / f"aside-{number}")
         assert a.run("acquire", str(project)).returncode == 0, a.agent_log()[-2000:]
-        write_images(a, project, range(2))
+        write_numbered_images(a, project, range(2))
         assert a.run("release", str(project)).returncode == 0
 
     # Every other lease was renewed all along: one the agent stopped renewing at the last refusal
@@ -241,7 +242,7 @@ def test_a_manifest_naming_a_segment_outside_the_store_is_never_followed_and_ver
     a, b = hosts["a"], hosts["b"]
     (project,) = shared(tmp_path, "project")
     assert a.run("acquire", str(project)).returncode == 0
-    write_images(a, project, range(3))
+    write_numbered_images(a, project, range(3))
     assert a.run("release", str(project)).returncode == 0  # flushes
     store = ProjectStore(project, identity(project))
     newest = store.generations()[-1]
@@ -276,7 +277,7 @@ def test_a_manifest_naming_a_segment_outside_the_store_is_never_followed_and_ver
 
     # A writer does not publish past it either: it cannot tell whose it is.
     assert_refused(a.run("acquire", str(project)), INTEGRITY, str(hostile))
-    assert lease_state(a, project)["projects"][0]["state"] == "free"
+    assert status(a, project)["projects"][0]["state"] == "free"
 
 
 # ------------------------------------------------------------- a lost identity
@@ -288,7 +289,7 @@ def test_a_lost_project_json_is_recovered_from_the_store_instead_of_minting_a_ne
     a, b = hosts["a"], hosts["b"]
     (project,) = shared(tmp_path, "project")
     assert a.run("acquire", str(project)).returncode == 0
-    write_images(a, project, range(3))
+    write_numbered_images(a, project, range(3))
     assert a.run("release", str(project)).returncode == 0
     original = identity(project)
     identity_file = project / ".dbguard" / "project.json"
@@ -307,7 +308,7 @@ def test_a_lost_project_json_is_recovered_from_the_store_instead_of_minting_a_ne
     assert acquired.returncode == 0, acquired.stderr
     assert "was missing" in acquired.stderr and original in acquired.stderr, acquired.stderr
     assert identity(project) == original
-    write_images(a, project, range(3, 5))
+    write_numbered_images(a, project, range(3, 5))
     assert a.run("release", str(project)).returncode == 0
     assert read_images(python_on(b), project)["len"] == 5
 
@@ -315,7 +316,7 @@ def test_a_lost_project_json_is_recovered_from_the_store_instead_of_minting_a_ne
     identity_file.write_text(json.dumps({"id": str(uuid.uuid4())}))
     refused = a.run("acquire", str(project))
     assert_refused(refused, INTEGRITY, "belongs to project", original, "move it aside")
-    assert lease_state(a, project)["projects"][0]["state"] == "free"
+    assert status(a, project)["projects"][0]["state"] == "free"
     identity_file.rename(tmp_path / "wrong-project.json")
     assert a.run("acquire", str(project)).returncode == 0
     assert identity(project) == original
@@ -805,7 +806,7 @@ def test_damaged_store_files_never_crash_escape_or_serve_a_bad_record(
             browsed = attempt(lambda: api.browse(example.project_dir, settings=config))
             listed = attempt(lambda: api.ls(example.project_dir, settings=config))
             verified = attempt(lambda: api.verify(example.project_dir))
-            status = attempt(lambda: api.status(example.project_dir, settings=config))
+            found = attempt(lambda: api.status(example.project_dir, settings=config))
             names = ["images"]
             if isinstance(browsed, dict):
                 names = sorted({"images", *(db["name"] for db in browsed["databases"][:3])})
@@ -822,8 +823,8 @@ def test_damaged_store_files_never_crash_escape_or_serve_a_bad_record(
         ]
         assert outside == [], f"{kinds}: touched outside the project, cache and state: {outside}"
         assert Example.stamp(example.root / "sentinel") == example.sentinel, kinds
-        if isinstance(status, dict):
-            assert status["projects"][0]["state"] == "free"
+        if isinstance(found, Status):
+            assert found.projects[0].state == "free"
         if isinstance(verified, dict) and not verified["problems"]:
             # `verify` said ok: then every record a reader is shown can be read.
             assert refused == 0, f"{kinds}: verify said ok, yet {refused} reads were refused"
@@ -928,7 +929,7 @@ def test_a_damaged_lease_table_neither_stops_the_agent_nor_any_command(
     a = hosts["a"]
     (project,) = shared(tmp_path, "project")
     assert a.run("acquire", str(project)).returncode == 0
-    write_images(a, project, range(2))
+    write_numbered_images(a, project, range(2))
     a.kill_agent()
     table = a.cache / "leases.json"
     saved = json.loads(table.read_text())
@@ -946,7 +947,7 @@ def test_a_damaged_lease_table_neither_stops_the_agent_nor_any_command(
     assert a.run("status", str(project)).returncode == 0  # starts the agent: it reclaims
     assert wait_for(lambda: a.agent_pid() is not None, 10)
     agent = a.agent_pid()
-    write_images(a, project, range(2, 4))  # the writer's check reads the table too
+    write_numbered_images(a, project, range(2, 4))  # the writer's check reads the table too
     flushed = a.run("flush", str(project), "--json")
     assert flushed.returncode == 0, flushed.stderr
     cleared = a.run("clear", "--all")

@@ -8,9 +8,11 @@ Each section is a module ``tools/bench_<name>.py`` beside this file that exposes
     def run(quick: bool) -> dict[str, float]  # {"lease.cycle_p50_ms": 0.83, ...}
 
 Figures are keyed ``"<section>.<figure>"``. A new section needs no change here: dropping its
-module into ``tools/`` is enough. Sections report progress through `logging` (a logger named
-``bench.<section>``); it reaches stderr only when stderr is a terminal, so ``--json`` output can
-be piped and parsed.
+module into ``tools/`` is enough. Sections are imported as ``tools.bench_<name>``, and import
+what they share (each other's helpers, the test bed, dbguard) the same way, absolutely from the
+repository's root: ``from tools.bench_lease import running_broker``. Sections report progress
+through `logging` (a logger named ``bench.<section>``); it reaches stderr only when stderr is a
+terminal, so ``--json`` output can be piped and parsed.
 
 This tool measures, it does not judge: a missed target is shown, not turned into a failure.
 The exit code is 0 unless a section could not run (1), or the command line was wrong (2).
@@ -51,6 +53,14 @@ TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 PAGE = REPO / "BENCHMARKS.md"
 
+# The repository's root on sys.path is what makes ``tools.bench_<name>``, ``tools.sshfs`` and this
+# checkout's dbguard importable: pytest puts it there (pyproject's pythonpath), ``python -m
+# tools.bench`` from the root has it, and run as a script (python tools/bench.py) this file puts
+# it first. A section's 'spawn' child processes get this sys.path, so they import the section by
+# the same name.
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+
 # How a target compares a measured value with its bound.
 COMPARISONS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -69,18 +79,8 @@ def available_sections() -> list[str]:
     return sorted(path.stem.removeprefix("bench_") for path in TOOLS.glob("bench_*.py"))
 
 
-def import_path() -> None:
-    # Sections are imported as top-level modules (``bench_lease``), whether this file runs as a
-    # script or not, so that 'spawn' child processes of a section can import it by that name;
-    # the repository's root makes dbguard and cache importable without installing them.
-    for where in (str(TOOLS), str(REPO)):
-        if where not in sys.path:
-            sys.path.append(where)
-
-
 def load_section(name: str) -> ModuleType:
-    import_path()
-    module = importlib.import_module(f"bench_{name}")
+    module = importlib.import_module(f"tools.bench_{name}")
     if not callable(getattr(module, "run", None)):
         raise SectionError(f"tools/bench_{name}.py defines no run(quick) function")
     return module
@@ -209,7 +209,6 @@ def machine() -> list[tuple[str, str]]:
     found.append(("Python", f"{platform.python_implementation()} {platform.python_version()}"))
     temp = tempfile.gettempdir()
     try:
-        import_path()
         from dbguard.cache.location import find_mount
 
         mount = find_mount(temp)

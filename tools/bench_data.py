@@ -68,7 +68,6 @@ from typing import Any
 import lmdb
 import numpy as np
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only if types-psutil is installed
-from bench_lease import running_broker
 from numpy.typing import NDArray
 
 import dbguard
@@ -78,6 +77,7 @@ from dbguard.data.flushing import drop_cache
 from dbguard.data.imagedb import ImageDB
 from dbguard.lease.protocol import AgentOp
 from dbguard.settings import Settings, load
+from tools.bench_lease import running_broker
 
 log = logging.getLogger("bench.data")
 

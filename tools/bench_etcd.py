@@ -44,12 +44,12 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
-from bench_lease import cycle, holder, running_broker
 from etcd3gw.client import Etcd3Client
 
 from dbguard.lease.client import Client
 from dbguard.lease.etcd import EtcdAddress, EtcdLeases, configure
 from dbguard.lease.etcd_cluster import EtcdCluster, etcd_unavailable
+from tools.bench_lease import cycle, holder, running_broker
 
 log = logging.getLogger("bench.etcd")
 

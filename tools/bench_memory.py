@@ -59,8 +59,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_data import isolated_environ, quietly, stop_agent
-from bench_lease import running_broker
 
 import dbguard
 from dbguard.agent import local as local_agent
@@ -69,6 +67,8 @@ from dbguard.data.flushing import drop_cache
 from dbguard.data.store import ProjectStore
 from dbguard.lease.protocol import AgentOp
 from dbguard.settings import Settings, load
+from tools.bench_data import isolated_environ, quietly, stop_agent
+from tools.bench_lease import running_broker
 
 log = logging.getLogger("bench.memory")
 

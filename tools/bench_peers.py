@@ -93,8 +93,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_data import Hosts, bench_hosts, make_images, quietly
-from bench_lease import cycle, holder
 from numpy.typing import NDArray
 
 import dbguard
@@ -102,6 +100,8 @@ from dbguard.agent import local as local_agent
 from dbguard.data.durable import fsync_dir
 from dbguard.data.flushing import drop_cache
 from dbguard.lease.client import Client
+from tools.bench_data import Hosts, bench_hosts, make_images, quietly
+from tools.bench_lease import cycle, holder
 from tools.sshfs import SshServer, sshfs_unavailable
 
 log = logging.getLogger("bench.peers")

@@ -77,12 +77,12 @@ from typing import Any
 import numpy as np
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only if types-psutil is installed
 import zmq
-from bench_lease import TTL, percentile, running_broker
 from numpy.typing import NDArray
 
 from dbguard.lease import protocol
 from dbguard.lease.client import Client
 from dbguard.settings import Settings
+from tools.bench_lease import TTL, percentile, running_broker
 
 log = logging.getLogger("bench.scale")
 

@@ -29,6 +29,7 @@ from dbguard.lease import keys as dbguard_keys
 from dbguard.lease.client import Client
 from dbguard.lease.etcd import EtcdLeases, configure
 from dbguard.lease.etcd_cluster import EtcdCluster
+from tools.etcd_faults import kill_member, pause_member, resume_member
 from tools.sshfs import Mount, SshServer
 
 PYTHON = sys.executable
@@ -190,7 +191,7 @@ class EtcdBackend:
     def restart(self) -> None:
         """The leader crashes and comes back: the remaining majority carries on meanwhile."""
         leader = self.cluster.wait_for_leader()
-        self.cluster.kill(leader)
+        kill_member(self.cluster, leader)
         self.cluster.wait_for_leader(exclude=leader)
         self.cluster.start_member(leader)
 
@@ -201,7 +202,7 @@ class EtcdBackend:
         """SIGKILL the leader (as a crash); `start` brings it back."""
         leader = self.cluster.leader()
         if leader is not None:
-            self.cluster.kill(leader)
+            kill_member(self.cluster, leader)
 
     def start(self) -> None:
         for index in sorted(set(range(len(self.cluster.endpoints))) - set(self.cluster.running())):
@@ -212,11 +213,11 @@ class EtcdBackend:
         if signum == signal.SIGSTOP:
             leader = self.cluster.leader()
             if leader is not None:
-                self.cluster.pause(leader)
+                pause_member(self.cluster, leader)
                 self._paused.add(leader)
         elif signum == signal.SIGCONT:
             for index in sorted(self._paused):
-                self.cluster.resume(index)
+                resume_member(self.cluster, index)
             self._paused.clear()
 
     def stop(self) -> None:

@@ -114,3 +114,13 @@ def start(settings: Settings, directory: Path) -> None:
             start_new_session=True,  # outlives the command that started it, like ssh-agent
             close_fds=True,
         )
+
+
+def shut_down(settings: Settings) -> bool:
+    """Stop this host's agent if it runs; whether it did."""
+    client = running(settings)
+    if client is None:
+        return False
+    with client:
+        client.call_ok(AgentOp.SHUTDOWN)
+    return True

@@ -52,10 +52,10 @@ from dbguard.errors import (
     from_cache_error,
     share_failure,
 )
-from dbguard.lease import protocol
+from dbguard.lease import protocol, requests
 from dbguard.lease.client import error_from_reply
-from dbguard.lease.protocol import AgentOp, ErrorKind, Op
-from dbguard.lease.rules import Holder
+from dbguard.lease.protocol import AgentOp, ErrorKind
+from dbguard.lease.rules import Holder, RenewItem
 from dbguard.lease.service import LeaseService, for_broker
 from dbguard.names import PLAIN_NAME_RULE, is_plain_name
 from dbguard.settings import Settings
@@ -341,12 +341,9 @@ class Agent:
         if not live:
             return
         now = time.monotonic()
-        items = [
-            {"project": lease.project, "token": lease.token, "unflushed": self.unflushed(lease.project)}
-            for lease in live
-        ]
+        items = tuple(RenewItem(lease.project, lease.token, self.unflushed(lease.project)) for lease in live)
         try:
-            reply = client.call_ok(Op.RENEW, holder=self.holder.to_json(), leases=items, timeout=interval)
+            reply = client.send_ok(requests.Renew(self.holder, items), timeout=interval)
         except GuardError as exc:
             for lease in live:
                 # Past its TTL without a renewal the broker may have let the lease go: say so
@@ -457,14 +454,8 @@ class Agent:
                 project=project_id,
                 reason=reason,
             )
-        reply = self.broker.call(
-            Op.MARK,
-            project=project_id,
-            holder=self.holder.to_json(),
-            token=token,
-            dirty=True,
-            unflushed=unflushed,
-        )
+        mark = requests.Mark(project_id, self.holder, token, dirty=True, unflushed=unflushed)
+        reply = self.broker.send(mark)
         if not reply["ok"]:
             raise error_from_reply(reply, self.settings.broker)
         lease.marked = True
@@ -481,9 +472,7 @@ class Agent:
             lease = self.leases.get(project_id)
         if lease is None or lease.token != token or lease.state != "held":
             return
-        reply = self.broker.call(
-            Op.MARK, project=project_id, holder=self.holder.to_json(), token=token, dirty=True, unflushed=size
-        )
+        reply = self.broker.send(requests.Mark(project_id, self.holder, token, dirty=True, unflushed=size))
         if reply.get("ok"):
             lease.marked = True  # a settle that ran in between is undone at the lease service too
 
@@ -532,9 +521,7 @@ class Agent:
             return False
         # A writer that now finds the cache unannounced asks this thread to mark it dirty
         # again, after this answer: the lease service sees clean, then dirty.
-        reply = self.broker.call(
-            Op.MARK, project=lease.project, holder=self.holder.to_json(), token=lease.token, dirty=False
-        )
+        reply = self.broker.send(requests.Mark(lease.project, self.holder, lease.token, dirty=False))
         if reply.get("ok"):
             lease.marked = False
         elif reply.get("error") == ErrorKind.LOST:
@@ -654,15 +641,16 @@ class Agent:
         """Ask the lease service for the writer lease, and take it up (`_take_up`). ``reclaiming``
         is the token of the lease this agent's predecessor held, when it takes that back."""
         unflushed = self.unflushed(project.id)
-        reply = self.broker.call(
-            Op.ACQUIRE,
-            project=project.id,
-            holder=self.holder.to_json(),
-            wait=wait,
-            takeover=takeover,
-            floor=token_floor(project),
-            unflushed=unflushed,
-            dirty=unflushed > 0 or self._announced(project.id),
+        reply = self.broker.send(
+            requests.Acquire(
+                project.id,
+                self.holder,
+                wait=wait,
+                takeover=takeover,
+                floor=token_floor(project),
+                unflushed=unflushed,
+                dirty=unflushed > 0 or self._announced(project.id),
+            )
         )
         if not reply["ok"]:
             raise error_from_reply(reply, self.settings.broker)
@@ -751,9 +739,7 @@ class Agent:
                 else:
                     del self.leases[project_id]
         try:
-            self.broker.call_ok(
-                Op.RELEASE, project=project_id, holder=self.holder.to_json(), token=lease.token
-            )
+            self.broker.send_ok(requests.Release(project_id, self.holder, token=lease.token))
         except GuardError as exc:
             self._notice(
                 project_id,
@@ -789,7 +775,7 @@ class Agent:
             lease = self.leases.get(project_id)
         if lease is None:
             return {"released": False, "reason": "this host holds no lease on that project"}
-        self.broker.call_ok(Op.RELEASE, project=project_id, holder=self.holder.to_json(), token=lease.token)
+        self.broker.send_ok(requests.Release(project_id, self.holder, token=lease.token))
         with self._table_lock:
             self.leases.pop(project_id, None)
         self._save()

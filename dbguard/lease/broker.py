@@ -22,9 +22,9 @@ from zmq.auth.base import Authenticator
 from zmq.auth.thread import ThreadAuthenticator
 
 from dbguard.errors import GuardError, IntegrityError
-from dbguard.lease import protocol
+from dbguard.lease import protocol, requests
 from dbguard.lease.keys import BrokerKeys, is_loopback
-from dbguard.lease.protocol import ErrorKind, Op, ProtocolError
+from dbguard.lease.protocol import ErrorKind, ProtocolError
 from dbguard.lease.rules import Decision, Holder, LeaseState, LeaseTable, Timing
 from dbguard.lease.store import LeaseStore, LmdbLeaseStore
 
@@ -192,108 +192,120 @@ class Broker:
 
     def _answer(self, payload: bytes, principal: str = "") -> bytes:
         try:
-            request = protocol.decode_request(payload)
+            req_id, request = requests.decode(payload)
         except ProtocolError as exc:
             req_id = _loose_id(payload)
             return protocol.encode(protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, str(exc)))
-        cached = self._replies.get(request["id"])
+        cached = self._replies.get(req_id)
         if cached is not None:
             return cached
         try:
-            reply = self._dispatch(request, principal)
+            reply = self._dispatch(req_id, request, principal)
         except GuardError as exc:  # each class says how it travels (dbguard.errors)
-            reply = exc.to_reply(request["id"])
+            reply = exc.to_reply(req_id)
         except Exception:  # the broker never dies of one request
-            log.exception("request %s failed", request.get("op"))
+            log.exception("request %s failed", request.op)
             reply = protocol.reply_error(
-                request["id"], ErrorKind.INTERNAL, "the broker failed on this request; see its log"
+                req_id, ErrorKind.INTERNAL, "the broker failed on this request; see its log"
             )
         encoded = protocol.encode(reply)
-        self._replies[request["id"]] = encoded
+        self._replies[req_id] = encoded
         if len(self._replies) > _REPLY_CACHE_SIZE:
             self._replies.popitem(last=False)
         return encoded
 
-    def _dispatch(self, request: dict[str, Any], principal: str = "") -> dict[str, Any]:
-        op, req_id = request["op"], request["id"]
+    def _dispatch(self, req_id: str, request: requests.Request, principal: str = "") -> dict[str, Any]:
         now, wall = time.monotonic(), time.time()
         table = self.table
-        if op == Op.HELLO:
-            return protocol.reply_ok(
-                req_id,
-                broker=self.store.identity,
-                ttl=self.timing.ttl,
-                lock_delay=self.timing.lock_delay,
-                grace_left=max(0.0, table.grace_until - now),
-                version=protocol.VERSION,
-                projects=len(table.projects),
-                stats=self.stats,
-                authenticated=self.keys is not None,
-                exposed=self.exposed,
-            )
-        if op == Op.STATUS:
-            if "project" in request:
-                return protocol.reply_ok(req_id, projects=[table.status(request["project"], now, wall)])
-            return protocol.reply_ok(req_id, projects=table.status_all(now, wall))
-        if op == Op.BREAK:
-            if not request["force"]:
-                return protocol.reply_error(req_id, ErrorKind.USAGE, "break needs force=true")
-            if self.keys is not None and principal.encode() not in self.keys.operators():
-                return protocol.reply_error(
+        match request:
+            case requests.Hello():
+                return protocol.reply_ok(
                     req_id,
-                    ErrorKind.USAGE,
-                    "breaking a lease needs an operator key: run this with DBGUARD_KEYS holding a key the "
-                    "broker's operators/ directory lists (`dbguard keys authorize --operator`)",
+                    broker=self.store.identity,
+                    ttl=self.timing.ttl,
+                    lock_delay=self.timing.lock_delay,
+                    grace_left=max(0.0, table.grace_until - now),
+                    version=protocol.VERSION,
+                    projects=len(table.projects),
+                    stats=self.stats,
+                    authenticated=self.keys is not None,
+                    exposed=self.exposed,
                 )
-            decision = table.break_lease(request["project"], now, wall)
-            if decision.fields["broken"]:
-                log.warning(
-                    "lease of %s broken by operator: %s", request["project"], decision.fields["broken"]
+            case requests.Status(project=None):
+                return protocol.reply_ok(req_id, projects=table.status_all(now, wall))
+            case requests.Status(project=str(project)):
+                return protocol.reply_ok(req_id, projects=[table.status(project, now, wall)])
+            case requests.Break():
+                return self._break(req_id, request, principal, now, wall)
+            case requests.Acquire():
+                decision = table.acquire(
+                    request.project,
+                    self._authenticated(request.holder, principal),
+                    now,
+                    wall,
+                    mode=request.mode,
+                    wait=request.wait,
+                    takeover=request.takeover,
+                    floor=request.floor,
+                    unflushed=request.unflushed,
+                    dirty=request.dirty,
                 )
-            return protocol.reply_ok(req_id, **decision.fields)
-        holder = replace(Holder.from_json(request["holder"]), principal=principal)
-        if op == Op.ACQUIRE:
-            decision = table.acquire(
-                request["project"],
-                holder,
-                now,
-                wall,
-                mode=request.get("mode", "write"),
-                wait=request.get("wait", False),
-                takeover=request.get("takeover", False),
-                floor=request.get("floor", 0),
-                unflushed=request.get("unflushed", 0),
-                dirty=request.get("dirty", False),
-            )
-            self.stats["grants"] += decision.kind == "granted" and decision.fields.get("mode") == "write"
-            return _reply_for(req_id, decision)
-        if op == Op.RENEW:
-            return protocol.reply_ok(req_id, results=table.renew(holder, request["leases"], now, wall))
-        if op == Op.RELEASE:
-            decision = table.release(
-                request["project"], holder, request.get("token"), now, wall, mode=request.get("mode", "write")
-            )
-            return protocol.reply_ok(req_id, **decision.fields)
-        if op == Op.LEAVE_QUEUE:
-            return protocol.reply_ok(
-                req_id, **table.leave_queue(request["project"], holder, now, wall).fields
-            )
-        if op == Op.MARK:
-            decision = table.mark(
-                request["project"],
-                holder,
-                request["token"],
-                request["dirty"],
-                now,
-                wall,
-                unflushed=request.get("unflushed"),
-            )
-            if decision.kind == "lost":
-                return protocol.reply_error(
-                    req_id, ErrorKind.LOST, "this host no longer holds the writer lease", **decision.fields
+                self.stats["grants"] += decision.kind == "granted" and decision.fields.get("mode") == "write"
+                return _reply_for(req_id, decision)
+            case requests.Renew():
+                holder = self._authenticated(request.holder, principal)
+                return protocol.reply_ok(req_id, results=table.renew(holder, request.leases, now, wall))
+            case requests.Release():
+                holder = self._authenticated(request.holder, principal)
+                decision = table.release(request.project, holder, request.token, now, wall, mode=request.mode)
+                return protocol.reply_ok(req_id, **decision.fields)
+            case requests.LeaveQueue():
+                holder = self._authenticated(request.holder, principal)
+                return protocol.reply_ok(
+                    req_id, **table.leave_queue(request.project, holder, now, wall).fields
                 )
-            return protocol.reply_ok(req_id, **decision.fields)
-        return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"unknown operation {op!r}")
+            case requests.Mark():
+                holder = self._authenticated(request.holder, principal)
+                decision = table.mark(
+                    request.project,
+                    holder,
+                    request.token,
+                    request.dirty,
+                    now,
+                    wall,
+                    unflushed=request.unflushed,
+                )
+                if decision.kind == "lost":
+                    return protocol.reply_error(
+                        req_id,
+                        ErrorKind.LOST,
+                        "this host no longer holds the writer lease",
+                        **decision.fields,
+                    )
+                return protocol.reply_ok(req_id, **decision.fields)
+        raise AssertionError(f"no dispatch for {request!r}")  # requests.decode knows every op
+
+    @staticmethod
+    def _authenticated(holder: Holder, principal: str) -> Holder:
+        """The holder as the broker knows it: with the key that authenticated the request."""
+        return replace(holder, principal=principal)
+
+    def _break(
+        self, req_id: str, request: requests.Break, principal: str, now: float, wall: float
+    ) -> dict[str, Any]:
+        if not request.force:
+            return protocol.reply_error(req_id, ErrorKind.USAGE, "break needs force=true")
+        if self.keys is not None and principal.encode() not in self.keys.operators():
+            return protocol.reply_error(
+                req_id,
+                ErrorKind.USAGE,
+                "breaking a lease needs an operator key: run this with DBGUARD_KEYS holding a key the "
+                "broker's operators/ directory lists (`dbguard keys authorize --operator`)",
+            )
+        decision = self.table.break_lease(request.project, now, wall)
+        if decision.fields["broken"]:
+            log.warning("lease of %s broken by operator: %s", request.project, decision.fields["broken"])
+        return protocol.reply_ok(req_id, **decision.fields)
 
 
 class _Authorized:

@@ -17,7 +17,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from dbguard.errors import BrokerUnavailable, GuardError, UsageError, from_reply
-from dbguard.lease import protocol
+from dbguard.lease import protocol, requests
 from dbguard.lease.keys import ClientKeys
 
 _ENVELOPE = frozenset({"v", "id", "ok"})
@@ -179,6 +179,14 @@ class Client:
         if not reply.get("ok"):
             raise error_from_reply(reply, self.address)
         return {key: value for key, value in reply.items() if key not in _ENVELOPE}
+
+    def send(self, request: requests.Request, *, timeout: float | None = None) -> dict[str, Any]:
+        """`call` for a typed request of the lease service."""
+        return self.call(request.op, timeout=timeout, **requests.to_fields(request))
+
+    def send_ok(self, request: requests.Request, *, timeout: float | None = None) -> dict[str, Any]:
+        """`call_ok` for a typed request of the lease service."""
+        return self.call_ok(request.op, timeout=timeout, **requests.to_fields(request))
 
 
 def error_from_reply(reply: dict[str, Any], address: str = "") -> GuardError:

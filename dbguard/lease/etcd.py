@@ -35,7 +35,7 @@ import math
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,10 +43,10 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
 from dbguard.errors import BrokerUnavailable, GuardError, UsageError
-from dbguard.lease import protocol
+from dbguard.lease import protocol, requests
 from dbguard.lease.client import error_from_reply  # the broker client's mapping of error replies
-from dbguard.lease.protocol import ErrorKind, Op, ProtocolError
-from dbguard.lease.rules import Holder, LeaseState
+from dbguard.lease.protocol import ErrorKind, ProtocolError
+from dbguard.lease.rules import Holder, LeaseState, RenewItem
 from dbguard.settings import check_seconds
 
 DEFAULT_PREFIX = "dbguard"
@@ -315,7 +315,7 @@ class _View:
 
     @property
     def holds_data(self) -> bool:
-        """Whether the writer may hold acknowledged unflushed data (see `leases.WriterLease`)."""
+        """Whether the writer may hold acknowledged unflushed data (see `rules.WriterLease`)."""
         return self.writer is not None and _holds_data(self.writer.value)
 
     @property
@@ -385,7 +385,7 @@ class EtcdLeases:
         self._sent += 1
         message = protocol.request(op, f"{self._id_prefix}-{self._sent}", **fields)
         try:
-            request = protocol.decode_request(protocol.encode(message))
+            req_id, request = requests.decode(protocol.encode(message))
         except ProtocolError as exc:
             return protocol.reply_error(message["id"], ErrorKind.BAD_REQUEST, str(exc))
         default = self.transport.timeout
@@ -393,18 +393,26 @@ class EtcdLeases:
             self.transport.timeout = timeout
         try:
             try:
-                return self._dispatch(request)
+                return self._dispatch(req_id, request)
             except _LeaseGone:
                 # An etcd lease of this process expired between two steps (a paused process):
                 # forget it, so the retry grants a fresh one and re-reads everything.
                 self._forget_sessions()
-                return self._dispatch(request)
+                return self._dispatch(req_id, request)
         except _LeaseGone as exc:
             raise BrokerUnavailable(
                 f"etcd dropped this host's lease twice in a row: {exc}", address=self.address
             ) from None
         finally:
             self.transport.timeout = default
+
+    def send(self, request: requests.Request, *, timeout: float | None = None) -> dict[str, Any]:
+        """`call` for a typed request."""
+        return self.call(request.op, timeout=timeout, **requests.to_fields(request))
+
+    def send_ok(self, request: requests.Request, *, timeout: float | None = None) -> dict[str, Any]:
+        """`call_ok` for a typed request."""
+        return self.call_ok(request.op, timeout=timeout, **requests.to_fields(request))
 
     def _forget_sessions(self) -> None:
         with self._sessions_lock:
@@ -417,34 +425,31 @@ class EtcdLeases:
             raise error_from_reply(reply, self.address)
         return {key: value for key, value in reply.items() if key not in _ENVELOPE}
 
-    def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
-        op, req_id = request["op"], request["id"]
-        if op == Op.HELLO:
-            return protocol.reply_ok(req_id, **self._hello())
-        if op == Op.STATUS:
-            if "project" in request:
-                return protocol.reply_ok(req_id, projects=[self._status(self._read(request["project"]))])
-            return protocol.reply_ok(req_id, projects=[self._status(view) for view in self._read_all()])
-        if op == Op.BREAK:
-            if not request["force"]:
+    def _dispatch(self, req_id: str, request: requests.Request) -> dict[str, Any]:
+        match request:
+            case requests.Hello():
+                return protocol.reply_ok(req_id, **self._hello())
+            case requests.Status(project=None):
+                return protocol.reply_ok(req_id, projects=[self._status(view) for view in self._read_all()])
+            case requests.Status(project=str(project)):
+                return protocol.reply_ok(req_id, projects=[self._status(self._read(project))])
+            case requests.Break(force=False):
                 return protocol.reply_error(req_id, ErrorKind.USAGE, "break needs force=true")
-            return protocol.reply_ok(req_id, broken=self._break(request["project"]))
-        holder = Holder.from_json(request["holder"])
-        if op == Op.ACQUIRE:
-            return self._acquire(req_id, request, holder)
-        if op == Op.RENEW:
-            return protocol.reply_ok(req_id, results=self._renew(holder, request["leases"]))
-        if op == Op.RELEASE:
-            fields = self._release(
-                request["project"], holder, request.get("token"), request.get("mode", "write")
-            )
-            return protocol.reply_ok(req_id, **fields)
-        if op == Op.LEAVE_QUEUE:
-            self._leave_queue(request["project"], holder)
-            return protocol.reply_ok(req_id)
-        if op == Op.MARK:
-            return self._mark(req_id, request, holder)
-        return protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, f"unknown operation {op!r}")
+            case requests.Break():
+                return protocol.reply_ok(req_id, broken=self._break(request.project))
+            case requests.Acquire():
+                return self._acquire(req_id, request)
+            case requests.Renew():
+                return protocol.reply_ok(req_id, results=self._renew(request.holder, request.leases))
+            case requests.Release():
+                fields = self._release(request.project, request.holder, request.token, request.mode)
+                return protocol.reply_ok(req_id, **fields)
+            case requests.LeaveQueue():
+                self._leave_queue(request.project, request.holder)
+                return protocol.reply_ok(req_id)
+            case requests.Mark():
+                return self._mark(req_id, request)
+        raise AssertionError(f"no dispatch for {request!r}")  # requests.decode knows every op
 
     # --------------------------------------------------------------- timing
 
@@ -577,16 +582,15 @@ class EtcdLeases:
 
     # ------------------------------------------------------------- acquire
 
-    def _acquire(self, req_id: str, request: dict[str, Any], holder: Holder) -> dict[str, Any]:
-        project = request["project"]
-        if request.get("mode", "write") == "read":
+    def _acquire(self, req_id: str, request: requests.Acquire) -> dict[str, Any]:
+        project, holder = request.project, request.holder
+        if request.mode == "read":
             session, _ = self._session(holder)
             reader = self._project_prefix(project) + "readers/" + holder.key
             self.transport.txn([], [_put(reader, {"holder": holder.to_json()}, lease=session)])
             return protocol.reply_ok(req_id, status="granted", mode="read", ttl=float(self._lease_ttl()))
-        wait, takeover = request.get("wait", False), request.get("takeover", False)
-        floor, unflushed = request.get("floor", 0), request.get("unflushed", 0)
-        dirty = bool(request.get("dirty", False))  # see `leases.LeaseTable.acquire`
+        wait, takeover, floor = request.wait, request.takeover, request.floor
+        unflushed, dirty = request.unflushed, request.dirty  # see `rules.LeaseTable.acquire`
         for _ in range(_RACE_RETRIES):
             view = self._observe(self._read(project))
             state, current = view.state, view.holder
@@ -795,13 +799,13 @@ class EtcdLeases:
 
     # --------------------------------------------------------------- renew
 
-    def _renew(self, holder: Holder, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _renew(self, holder: Holder, items: Sequence[RenewItem]) -> list[dict[str, Any]]:
         """Heartbeat: one keep-alive of this holder's etcd lease, then each project checked and
         its record brought up to date (unflushed bytes, a new session after a restart)."""
         _, ttl = self._renew_session(holder)
         results = []
         for item in items:
-            project, token, unflushed = item["project"], int(item["token"]), int(item["unflushed"])
+            project, token, unflushed = item.project, item.token, item.unflushed
             for _ in range(_RACE_RETRIES):
                 view = self._read(project)
                 current = view.holder
@@ -826,12 +830,12 @@ class EtcdLeases:
                 results.append({"project": project, "ok": False, "reason": "contended", "at": None})
         return results
 
-    def _mark(self, req_id: str, request: dict[str, Any], holder: Holder) -> dict[str, Any]:
+    def _mark(self, req_id: str, request: requests.Mark) -> dict[str, Any]:
         """The holder marks its lease dirty (before its first unflushed write is acknowledged)
-        or clean (a flush emptied its cache); see `leases.LeaseTable.mark`. The writer record
+        or clean (a flush emptied its cache); see `rules.LeaseTable.mark`. The writer record
         is durable in etcd once the transaction is answered."""
-        project, token, dirty = request["project"], int(request["token"]), bool(request["dirty"])
-        unflushed = request.get("unflushed")
+        project, holder, token, dirty = request.project, request.holder, request.token, request.dirty
+        unflushed = request.unflushed
         self._renew_session(holder)
         for _ in range(_RACE_RETRIES):
             view = self._read(project)

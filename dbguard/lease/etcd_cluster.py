@@ -302,30 +302,6 @@ class EtcdCluster:
                 )
             time.sleep(_POLL_INTERVAL)
 
-    # -- faults
-
-    def kill(self, index: int) -> None:
-        """SIGKILL member `index`, as a crash, and return once it is gone."""
-        pid = self._require_pid(index)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not self._wait_gone(index, pid, _KILL_TIMEOUT):
-            raise self._failure(index, f"was still there {_KILL_TIMEOUT:g}s after SIGKILL")
-        self.pid_path(index).unlink(missing_ok=True)
-
-    def pause(self, index: int) -> None:
-        """SIGSTOP member `index`: it keeps its sockets but answers nothing until resumed."""
-        pid = self._require_pid(index)
-        os.kill(pid, signal.SIGSTOP)
-        # Signals are delivered asynchronously; callers expect the member frozen on return.
-        deadline = time.monotonic() + _KILL_TIMEOUT
-        while not self._paused(pid) and time.monotonic() < deadline:
-            time.sleep(_POLL_INTERVAL / 10)
-
-    def resume(self, index: int) -> None:
-        """SIGCONT member `index` after pause()."""
-        os.kill(self._require_pid(index), signal.SIGCONT)
-
     def stop(self) -> None:
         """Stop every member: SIGTERM (after SIGCONT, for paused ones), then SIGKILL for any
         still running after a grace period. Data directories and cluster.json stay."""
@@ -538,7 +514,8 @@ class EtcdCluster:
             return None
         return int(process.pid)
 
-    def _require_pid(self, index: int) -> int:
+    def member_pid(self, index: int) -> int:
+        """The pid of member `index`, which must be running."""
         pid = self._pid(index)
         if pid is None:
             raise EtcdClusterError(
@@ -555,7 +532,8 @@ class EtcdCluster:
         except psutil.NoSuchProcess:
             return False
 
-    def _wait_gone(self, index: int, pid: int, timeout: float) -> bool:
+    def wait_gone(self, index: int, pid: int, timeout: float) -> bool:
+        """Whether member `index`'s process `pid` exits within `timeout` (reaped if ours)."""
         deadline = time.monotonic() + timeout
         child = self._children.get(index)
         while True:
@@ -591,10 +569,10 @@ class EtcdCluster:
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + _STOP_TIMEOUT
         for index, pid in pids.items():
-            if not self._wait_gone(index, pid, max(0.0, deadline - time.monotonic())):
+            if not self.wait_gone(index, pid, max(0.0, deadline - time.monotonic())):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                if not self._wait_gone(index, pid, _KILL_TIMEOUT):
+                if not self.wait_gone(index, pid, _KILL_TIMEOUT):
                     raise self._failure(index, f"(pid {pid}) survived SIGTERM and SIGKILL")
             self.pid_path(index).unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ does not depend on how often anyone looks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -76,10 +77,27 @@ class Holder:
             data["principal"] = self.principal
         return data
 
+    def to_wire(self) -> dict[str, str]:
+        """The holder as a request names it: the principal is never sent, only authenticated."""
+        return {"host": self.host, "user": self.user, "agent": self.agent, "cache": self.cache}
+
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Holder:
         fields = {name: str(value[name]) for name in ("host", "user", "agent", "cache")}
         return cls(**fields, principal=str(value.get("principal", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class RenewItem:
+    """One project of a heartbeat: the lease the holder believes it has, and its unflushed bytes
+    (token 0 for a reader's place)."""
+
+    project: str
+    token: int
+    unflushed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"project": self.project, "token": self.token, "unflushed": self.unflushed}
 
 
 @dataclass(slots=True)
@@ -175,7 +193,7 @@ class Decision:
 
 
 class LeaseTable:
-    """Every project's leases at one site, with the rules of DESIGN.md."""
+    """Every project's leases at one site, with the rules of docs/design.md."""
 
     def __init__(self, timing: Timing) -> None:
         self.timing = timing
@@ -192,7 +210,7 @@ class LeaseTable:
         """Rebuild from durable records after a restart and open the grace period.
 
         Deadlines died with the old process, so every holder gets the whole grace period to
-        renew; until it ends nobody else is granted a writer lease (DESIGN.md, "Broker restart").
+        renew; until it ends nobody else is granted a writer lease (docs/design.md, "The lease rules").
         """
         self.grace_until = now + self.timing.grace
         for record in records:
@@ -273,12 +291,12 @@ class LeaseTable:
         return Decision("held", self._refusal(entry, now))
 
     def renew(
-        self, holder: Holder, items: list[dict[str, Any]], now: float, wall: float
+        self, holder: Holder, items: Sequence[RenewItem], now: float, wall: float
     ) -> list[dict[str, Any]]:
         """Heartbeat for several projects at once; one result per item, in order."""
         results = []
         for item in items:
-            project, token, unflushed = item["project"], int(item["token"]), int(item["unflushed"])
+            project, token, unflushed = item.project, item.token, item.unflushed
             entry = self._touch(project, now, wall, create=False)
             if entry is None:  # never granted here: nothing to renew, nothing to remember
                 results.append({"project": project, "ok": False, **self._loss_for(None, holder, token)})

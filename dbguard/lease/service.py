@@ -1,7 +1,9 @@
 """Which lease service this process talks to: the embedded broker, or an etcd cluster.
 
-Both answer the requests of `dbguard.lease.protocol` with the same replies; everything above this
-module (agent, API, command line) is written against `LeaseService` and never asks which.
+Both answer the typed requests of `dbguard.lease.requests` with the same replies; everything
+above this module (agent, API, command line) is written against `LeaseService` and never asks
+which. (Both classes also take untyped ``call(op, **fields)``, for tests that send the wire's
+own forms, malformed ones included.)
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol, Self
 
 from dbguard.lease.keys import client_keys
+from dbguard.lease.requests import Request
 from dbguard.settings import Settings
 
 
@@ -17,12 +20,12 @@ class LeaseService(Protocol):
 
     address: str
 
-    def call(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
-        """The reply to one request (ok or error); BrokerUnavailable if there is none."""
+    def send(self, request: Request, *, timeout: float | None = None) -> dict[str, Any]:
+        """The reply to one typed request (ok or error); BrokerUnavailable if there is none."""
         ...
 
-    def call_ok(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
-        """The fields of an ok reply; the typed `GuardError` of a failed one."""
+    def send_ok(self, request: Request, *, timeout: float | None = None) -> dict[str, Any]:
+        """The fields of an ok reply to a typed request; the typed `GuardError` of a failed one."""
         ...
 
     def close(self) -> None: ...

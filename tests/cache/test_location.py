@@ -1,4 +1,4 @@
-"""The cache refuses network filesystems and unsafe directories (DESIGN.md invariant 6)."""
+"""The cache refuses network filesystems and unsafe directories (docs/design.md, invariant 6)."""
 
 from __future__ import annotations
 
