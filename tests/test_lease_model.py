@@ -192,9 +192,9 @@ class LeaseClockMachine(RuleBasedStateMachine):
         for i, w in enumerate(pm.queue):
             if w.holder.key == holder.key:
                 w.expires, w.holder = deadline, holder
-                if front and i != 0:
-                    pm.queue.insert(0, pm.queue.pop(i))
+                if front:
                     w.takeover = True
+                    pm.queue.insert(0, pm.queue.pop(i))
                     return 1
                 return i + 1
         if front:

@@ -332,15 +332,10 @@ class _View:
         return LeaseState.LOCK_DELAY
 
     @property
-    def needs_lock_delay(self) -> bool:
-        """Expired clean, and nobody has started its lock-delay yet."""
+    def lapse_unrecorded(self) -> bool:
+        """The writer's etcd lease ran out, and nobody has recorded the lapse yet."""
         writer = self.writer
-        return (
-            writer is not None
-            and self.alive is None
-            and not writer.value.get("expired")
-            and not self.holds_data
-        )
+        return writer is not None and self.alive is None and not writer.value.get("expired")
 
 
 class EtcdLeases:
@@ -564,19 +559,33 @@ class EtcdLeases:
         return {name: base + name for name in ("writer", "alive", "delay", "meta", "loss")}
 
     def _observe(self, view: _View) -> _View:
-        """Start the lock-delay of a lease that expired clean, so etcd times it; return the
-        view as it is now. Whoever looks first starts it, so it ends no earlier than it should."""
-        if not view.needs_lock_delay:
+        """Record a lapse as the table does when a lease expires: the loss ("expired", or
+        "orphaned" for a writer that may hold unflushed data), a takeover request dropped, and
+        for a clean expiry the lock-delay started, so etcd times it. Whoever looks first records
+        it, so a lock-delay ends no earlier than it should. Returns the view as it is now."""
+        if not view.lapse_unrecorded:
             return view
         assert view.writer is not None
         keys = self._keys(view)
-        delay, _ = self.transport.grant(max(1, math.ceil(self.timing[1])))
+        record = view.writer.value
+        lapsed_at = time.time()
+        orphaned = view.holds_data
+        loss = {
+            "holder": Holder.from_json(record["holder"]).key,
+            "token": view.token,
+            "reason": "orphaned" if orphaned else "expired",
+            "at": lapsed_at,
+            "unflushed": int(record.get("unflushed", 0)) if orphaned else 0,
+        }
+        success = [
+            _put(keys["writer"], {**record, "expired": True, "lapsed_at": lapsed_at, "takeover_by": None}),
+            _put(keys["loss"], loss),
+        ]
+        if not orphaned:
+            delay, _ = self.transport.grant(max(1, math.ceil(self.timing[1])))
+            success.append(_put(keys["delay"], {"token": view.token}, lease=delay))
         self.transport.txn(
-            [_unchanged(keys["writer"], view.writer.mod_revision), _absent(keys["alive"])],
-            [
-                _put(keys["writer"], {**view.writer.value, "expired": True, "lapsed_at": time.time()}),
-                _put(keys["delay"], {"token": view.token}, lease=delay),
-            ],
+            [_unchanged(keys["writer"], view.writer.mod_revision), _absent(keys["alive"])], success
         )
         return self._read(view.project)
 
@@ -697,14 +706,19 @@ class EtcdLeases:
             "expired": False,
         }
         fresh.pop("lapsed_at", None)
-        reply = self.transport.txn(
-            [_unchanged(keys["writer"], view.writer.mod_revision)],
-            [
-                _put(keys["writer"], fresh),
-                _put(keys["alive"], {"holder": holder.key}, lease=session),
-                _delete(keys["delay"]),
-            ],
-        )
+        lapsed = view.alive is None
+        if lapsed:
+            # Back after a lapse, as the table resumes one: the lapse took any takeover request
+            # with it, and a lease held again has lost nothing.
+            fresh["takeover_by"] = None
+        success = [
+            _put(keys["writer"], fresh),
+            _put(keys["alive"], {"holder": holder.key}, lease=session),
+            _delete(keys["delay"]),
+        ]
+        if lapsed:
+            success.append(_delete(keys["loss"]))
+        reply = self.transport.txn([_unchanged(keys["writer"], view.writer.mod_revision)], success)
         return bool(reply.get("succeeded"))
 
     def _retire(self, view: _View, reason: str) -> bool:
@@ -807,7 +821,7 @@ class EtcdLeases:
         for item in items:
             project, token, unflushed = item.project, item.token, item.unflushed
             for _ in range(_RACE_RETRIES):
-                view = self._read(project)
+                view = self._observe(self._read(project))
                 current = view.holder
                 if (
                     current is not None
@@ -838,7 +852,7 @@ class EtcdLeases:
         unflushed = request.unflushed
         self._renew_session(holder)
         for _ in range(_RACE_RETRIES):
-            view = self._read(project)
+            view = self._observe(self._read(project))
             current = view.holder
             if (
                 current is None
@@ -890,9 +904,14 @@ class EtcdLeases:
                 self.transport.txn([], [_delete(base + "readers/" + holder.key)])
             return {}
         for _ in range(_RACE_RETRIES):
-            view = self._read(project)
+            view = self._observe(self._read(project))
             current = view.holder
-            if current is None or current.key != holder.key or (token is not None and view.token != token):
+            if (
+                current is None
+                or current.key != holder.key
+                or (token is not None and view.token != token)
+                or view.state is LeaseState.FREE  # lapsed, and its lock-delay is over: nothing held
+            ):
                 if any(w.holder.key == holder.key for w in view.queue):
                     self.transport.txn([], [_delete(base + "queue/" + holder.key)])
                 return {"held": False}

@@ -571,10 +571,12 @@ class LeaseTable:
             if waiter.holder.key == holder.key:
                 waiter.expires = deadline
                 waiter.holder = holder
-                if front and entry.queue[0] is not waiter:
-                    entry.queue.remove(waiter)
+                if front:
+                    # A takeover place, whether it moves to the head or is there already.
                     waiter.takeover = True
-                    entry.queue.insert(0, waiter)
+                    if entry.queue[0] is not waiter:
+                        entry.queue.remove(waiter)
+                        entry.queue.insert(0, waiter)
                 return
         waiter = Waiter(holder, deadline, takeover=front)
         if front:
