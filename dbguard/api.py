@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
@@ -45,6 +45,9 @@ from dbguard.lease.protocol import AgentOp
 from dbguard.lease.rules import Holder, LeaseState
 from dbguard.lease.service import for_broker
 from dbguard.results import Lease, ProjectStatus, QueuePlace, Status
+
+if TYPE_CHECKING:
+    from dbguard.files.run import RunResult
 from dbguard.settings import Settings, load
 from dbguard.units import human_size
 
@@ -151,6 +154,34 @@ def release(project: PathLike = None, *, settings: Settings | None = None) -> di
     agent = local_agent.connect(settings)
     with agent:
         return agent.call_ok(AgentOp.RELEASE, project=target.id)
+
+
+@cache_errors_translated
+def run(
+    project: PathLike,
+    command: list[str],
+    *,
+    wait: float | None = None,
+    takeover: bool = False,
+    keep: bool = False,
+    settings: Settings | None = None,
+    on_queued: Callable[[QueuePlace], None] | None = None,
+) -> RunResult:
+    """Hold the project's writer lease while ``command`` runs, then flush and release (unless
+    ``keep``); see `dbguard.files.run`. CommandStopped if the lease was lost meanwhile."""
+    from dbguard.files.run import run_command
+
+    return run_command(
+        project,
+        command,
+        settings=_settings(settings),
+        acquire=acquire,
+        release=release,
+        wait=wait,
+        takeover=takeover,
+        keep=keep,
+        on_queued=on_queued,
+    )
 
 
 @cache_errors_translated

@@ -240,6 +240,47 @@ def acquire(
     _emit(as_json, lease.to_json(), f"acquired {lease.path} (token {lease.token}, ttl {lease.ttl:.0f}s)")
 
 
+class _CommandAfterDashes(click.Command):
+    """Everything after ``--`` is the command to run, untouched by option parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            at = args.index("--")
+            args, ctx.meta["command"] = args[:at], args[at + 1 :]
+        else:
+            ctx.meta["command"] = []
+        return super().parse_args(ctx, args)
+
+
+@main.command(name="run", cls=_CommandAfterDashes)
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@click.option("--wait", type=float, metavar="SECONDS", help="Queue for the lease for up to SECONDS.")
+@click.option("--takeover", is_flag=True, help="Ask the holder to flush and release, and wait for it.")
+@click.option("--keep", is_flag=True, help="Keep the lease after the command ends (no release).")
+@_json_option
+@_common
+def run_command(
+    settings: Settings,
+    project: Path | None,
+    wait: float | None,
+    takeover: bool,
+    keep: bool,
+    as_json: bool,
+) -> None:
+    """Hold PROJECT's writer lease while a command runs: dbguard run [PROJECT] -- COMMAND [ARGS...].
+
+    The command's exit status becomes this one's. If the lease is lost meanwhile, the command's
+    process group is stopped and the exit code is 9. HDF5_USE_FILE_LOCKING=FALSE is set for it
+    unless already set: one writer host is guaranteed."""
+    command = click.get_current_context().meta["command"]
+    if not command:
+        raise UsageError("give the command to run after --, e.g. `dbguard run . -- relion_refine ...`")
+    result = api.run(project, command, wait=wait, takeover=takeover, keep=keep, settings=settings)
+    if as_json:
+        _emit(True, result.to_json(), "")
+    sys.exit(result.returncode)
+
+
 @main.command()
 @click.argument("project", type=click.Path(path_type=Path), required=False)
 @_json_option

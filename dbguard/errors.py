@@ -54,6 +54,9 @@ class ExitCode(IntEnum):
     # This host still has unflushed records, so the command stopped short of what it was asked
     # (release, clear, flush without the lease). Nothing was lost, nothing is damaged.
     UNFLUSHED = 8
+    # `dbguard run` stopped its command because this host lost the lease while it ran: a code
+    # of its own, so that it cannot be mistaken for the command's own exit status.
+    STOPPED = 9
 
 
 # kind -> class, filled as the classes are defined (see GuardError.__init_subclass__).
@@ -267,6 +270,14 @@ class LeaseLost(GuardError):
         super().__init__(message)
         self.project = project
         self.reason = reason
+
+
+class CommandStopped(LeaseLost):
+    """`dbguard run` lost the lease while its command ran, and stopped the command (SIGTERM to
+    its process group, SIGKILL after the grace period)."""
+
+    exit_code = ExitCode.STOPPED
+    kind = ErrorKind.STOPPED
 
 
 class EtcdClusterError(GuardError):

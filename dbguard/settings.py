@@ -50,6 +50,7 @@ class Settings:
     flush_interval: float = 30.0  # seconds between the agent's periodic flushes
     retire_delay: float = 600.0  # seconds a compacted-away segment stays for readers of old manifests
     request_timeout: float = 5.0  # seconds to wait for the broker or agent to answer
+    run_grace: float = 10.0  # seconds `dbguard run` gives a stopped command between SIGTERM and SIGKILL
 
     @property
     def effective_grace(self) -> float:
@@ -75,6 +76,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "flush_interval": (0.1, 30 * _DAY),
     "retire_delay": (0.0, 30 * _DAY),
     "request_timeout": (0.1, 3600.0),
+    "run_grace": (0.0, 3600.0),
 }
 _FLOATS = set(BOUNDS)
 _PATHS = {"cache", "keys", "state"}

@@ -90,6 +90,7 @@ class ErrorKind(StrEnum):
     UNFLUSHED = "unflushed"
     ETCD_CLUSTER = "etcd-cluster"
     AGENT_RUNNING = "agent-running"
+    STOPPED = "stopped"
     INTERNAL = "internal"
 
 
