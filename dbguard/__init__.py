@@ -21,6 +21,7 @@ from dbguard.errors import (
     UnsafeCachePath,
     UsageError,
 )
+from dbguard.files.guard import guard
 from dbguard.results import Lease, ProjectStatus, QueuePlace, Reader, Status, Waiter, Writer
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "break_lease",
     "clear",
     "flush",
+    "guard",
     "init",
     "open",
     "release",

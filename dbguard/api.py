@@ -44,7 +44,7 @@ from dbguard.lease.keys import is_loopback
 from dbguard.lease.protocol import AgentOp
 from dbguard.lease.rules import Holder, LeaseState
 from dbguard.lease.service import for_broker
-from dbguard.results import Lease, ProjectStatus, QueuePlace, Status
+from dbguard.results import Lease, ProjectStatus, QueuePlace, Status, describe_writer
 
 if TYPE_CHECKING:
     from dbguard.files.run import RunResult
@@ -77,8 +77,12 @@ def acquire(
     takeover: bool = False,
     settings: Settings | None = None,
     on_queued: Callable[[QueuePlace], None] | None = None,
+    work: dict[str, Any] | None = None,
 ) -> Lease:
     """Become the writer of a project, through this host's agent.
+
+    ``work`` says what the writer runs ({"command", "pid", "job"}); `status` shows it on every
+    host. Acquiring again with it, while holding the lease, updates it.
 
     Without ``wait`` or ``takeover``, raise LeaseHeld at once if another host holds it. With
     ``wait``, queue for up to that many seconds (first come, first served). With ``takeover``,
@@ -98,7 +102,12 @@ def acquire(
         while True:
             try:
                 reply = agent.call_ok(
-                    AgentOp.ACQUIRE, project=target.id, path=str(target.path), wait=queued, takeover=takeover
+                    AgentOp.ACQUIRE,
+                    project=target.id,
+                    path=str(target.path),
+                    wait=queued,
+                    takeover=takeover,
+                    work=work,
                 )
             except LeaseHeld as exc:
                 raise _held(target, exc.holder, waited=None) from None
@@ -134,7 +143,7 @@ def _held(target: projects.Project, holder: dict[str, Any], waited: float | None
             holder={},
         ).with_remedy(*_WAIT)
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-    who = f"{holder.get('user')} on {holder.get('host')}"
+    who = describe_writer(holder.get("user"), holder.get("host"), holder.get("command"), holder.get("job"))
     unflushed = holder.get("unflushed", 0)
     waited_text = f" (waited {waited:.0f}s)" if waited else ""
     message = (
@@ -181,6 +190,41 @@ def run(
         takeover=takeover,
         keep=keep,
         on_queued=on_queued,
+    )
+
+
+@cache_errors_translated
+def import_files(
+    project: PathLike,
+    name: str,
+    files: list[str | Path] | tuple[str | Path, ...],
+    *,
+    dataset: str | None = None,
+    settings: Settings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Append the images of MRC, TIFF, HDF5 (EMAN2's layout too) and .npy/.npz files to image
+    database ``name``; needs this host's writer lease. ``progress(done, total)`` counts images."""
+    from dbguard.files import transfer
+
+    return transfer.import_files(project, name, files, dataset=dataset, settings=settings, progress=progress)
+
+
+@cache_errors_translated
+def export_database(
+    project: PathLike,
+    name: str,
+    target: str | Path,
+    *,
+    dataset: str | None = None,
+    settings: Settings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write image database ``name`` to ``target``, the format chosen by its suffix; browses only."""
+    from dbguard.files import transfer
+
+    return transfer.export_database(
+        project, name, target, dataset=dataset, settings=settings, progress=progress
     )
 
 

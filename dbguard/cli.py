@@ -240,6 +240,60 @@ def acquire(
     _emit(as_json, lease.to_json(), f"acquired {lease.path} (token {lease.token}, ttl {lease.ttl:.0f}s)")
 
 
+@main.command(name="import")
+@click.argument("args", nargs=-1, required=True, metavar="[PROJECT] NAME FILE...")
+@click.option("--dataset", metavar="PATH", help="The HDF5 dataset (or .npz member) to import.")
+@_json_option
+@_common
+def import_command(settings: Settings, args: tuple[str, ...], dataset: str | None, as_json: bool) -> None:
+    """Append the images of MRC, TIFF, HDF5 and .npy/.npz files to image database NAME (needs the
+    lease)."""
+    if len(args) < 2:
+        raise UsageError("give NAME and at least one FILE: dbguard import [PROJECT] NAME FILE...")
+    project: Path | None = None
+    if len(args) >= 3 and Path(args[0]).is_dir():
+        project, args = Path(args[0]), args[1:]
+    name, files = args[0], tuple(Path(f) for f in args[1:])
+    with _progress(as_json, "importing") as progress:
+        result = api.import_files(project, name, files, dataset=dataset, settings=settings, progress=progress)
+    text = (
+        f"imported {result['records']} images ({_size(result['bytes'])}) into {name}; "
+        f"it now has {result['count']}"
+    )
+    _emit(as_json, result, text)
+
+
+@main.command(name="export")
+@click.argument("args", nargs=-1, required=True, metavar="[PROJECT] NAME")
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="The file to write; its suffix chooses the format (.mrc .mrcs .st .map .tif .h5 .npy .npz).",
+)
+@click.option("--dataset", metavar="PATH", help="The HDF5 dataset to write (default: images).")
+@_json_option
+@_common
+def export_command(
+    settings: Settings, args: tuple[str, ...], target: Path, dataset: str | None, as_json: bool
+) -> None:
+    """Write image database NAME out to one file (read-only: works from any host)."""
+    if len(args) > 2:
+        raise UsageError("give [PROJECT] NAME: dbguard export [PROJECT] NAME --to FILE")
+    project = Path(args[0]) if len(args) == 2 else None
+    with _progress(as_json, "exporting") as progress:
+        result = api.export_database(
+            project, args[-1], target, dataset=dataset, settings=settings, progress=progress
+        )
+    dropped = ", ".join(result["dropped_attrs"])
+    text = f"exported {result['records']} images ({_size(result['bytes'])}) to {result['target']}"
+    _emit(
+        as_json, result, text + (f"; no place in {result['format']} for attrs {dropped}" if dropped else "")
+    )
+
+
 class _CommandAfterDashes(click.Command):
     """Everything after ``--`` is the command to run, untouched by option parsing."""
 
@@ -317,9 +371,11 @@ def _status_text(result: Status) -> str:
             role = "writer" if item.state == "held" else "former writer"
             unflushed = _size(writer.unflushed)
             lines.append(
-                f"  {role:<8} {writer.user} on {writer.host} since {_when(writer.since)}, "
+                f"  {role:<8} {writer.doing()} since {_when(writer.since)}, "
                 f"token {writer.token}, ttl left {writer.ttl_left:.1f}s, unflushed {unflushed}"
             )
+            if writer.pid is not None:
+                lines.append(f"  pid      {writer.pid} on {writer.host}")
             if item.state == "orphaned":
                 # The lease service knows what the host last reported, and that it was dirty;
                 # records written after that report are stranded too.

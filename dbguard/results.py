@@ -7,6 +7,7 @@ that read the command's output see the same fields as before these types existed
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,24 @@ class Writer:
     unflushed: int  # bytes, as the holder last reported them
     dirty: bool  # whether the holder may hold acknowledged unflushed data (invariant 7)
     takeover_by: str | None  # who asked the holder to hand the project over, if anyone
+    # What the writer runs, when its acquire said (`dbguard run`): the command, its pid, the
+    # batch job it belongs to.
+    command: str | None = None
+    pid: int | None = None
+    job: str | None = None
+
+    def doing(self) -> str:
+        """ "job 12345 (relion_refine) of ann on node7", or "ann on node7"."""
+        return describe_writer(self.user, self.host, self.command, self.job)
+
+
+def describe_writer(user: Any, host: Any, command: Any = None, job: Any = None) -> str:
+    """Who writes, and what they run when they said: "job 12345 (relion_refine) of ann on node7"."""
+    who = f"{user} on {host}"
+    program = os.path.basename(str(command).split(" ", 1)[0]) if command else ""
+    parts = (f"job {job}" if job else "", f"({program})" if program else "")
+    running = " ".join(part for part in parts if part)
+    return f"{running} of {who}" if running else who
 
 
 def _writer(fields: dict[str, Any]) -> Writer:
@@ -99,6 +118,9 @@ def _writer(fields: dict[str, Any]) -> Writer:
         unflushed=int(fields.get("unflushed", 0)),
         dirty=bool(fields.get("dirty", False)),
         takeover_by=fields.get("takeover_by"),
+        command=fields.get("command"),
+        pid=fields.get("pid"),
+        job=fields.get("job"),
     )
 
 

@@ -49,6 +49,19 @@ def test_the_peers_section_measures_every_figure_in_a_tiny_run() -> None:
     assert figures["peers.lock_vs_flufl"] > 0
 
 
+def test_the_guard_section_measures_each_place_in_a_tiny_run() -> None:
+    module = bench.load_section("guard")
+    why = module.missing()
+    if why is not None:
+        if ON_CI:
+            pytest.fail(f"CI must run the guard section, but: {why}")
+        pytest.skip(why)
+    figures = module.measure(module.TINY)
+    _checked("guard", module, figures)
+    assert figures["guard.opens"] == module.TINY
+    assert all(figures[f"guard.{place}_us"] > 0 for place in ("inside_local", "outside_sshfs", "first_sshfs"))
+
+
 def test_the_scale_section_renews_every_lease_in_a_tiny_run() -> None:
     module = bench.load_section("scale")
     figures = module.measure(module.TINY)
@@ -127,3 +140,11 @@ def test_write_regenerates_the_page_even_when_a_section_fails(
     # The real section's docstring and targets, although it failed.
     assert "| `peers.write_vs_h5py` | - | &gt;= 2 | not measured |" in text
     assert "### peers\n\nBenchmark section `peers`" in text
+
+
+def test_the_transfer_section_imports_and_exports_against_mrcfile_and_tifffile_in_a_tiny_run() -> None:
+    module = bench.load_section("transfer")
+    figures = module.measure(module.TINY)
+    _checked("transfer", module, figures)
+    assert figures["transfer.images"] == module.TINY.images
+    assert all(figures[key] > 0 for key in module.TARGETS)

@@ -49,11 +49,19 @@ def test_a_broken_lease_stops_the_command_group_and_run_exits_9(
     a, b = hosts["a"], hosts["b"]
     pid_file = tmp_path / "sleeper.pid"
     a.env["DBGUARD_RUN_GRACE"] = "1"
+    a.env["SLURM_JOB_ID"] = "12345"
     # The command starts a child of its own: the whole group must go.
     runner = a.popen("run", str(project), "--", "sh", "-c", f"sleep 600 & echo $! > {pid_file}; wait")
     assert wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=20)
     sleeper = int(pid_file.read_text())
-    assert project_state(b, project)["writer"]["host"] == "host-a"
+    # Every host reads who writes and what: the command, its pid, its batch job.
+    assert wait_for(lambda: project_state(b, project)["writer"]["pid"] is not None, timeout=10)
+    writer = project_state(b, project)["writer"]
+    assert writer["host"] == "host-a" and writer["job"] == "12345" and writer["command"].startswith("sh -c")
+    shown = b.run("status", str(project))
+    assert "job 12345 (sh) of" in shown.stdout and f"pid      {writer['pid']}" in shown.stdout
+    refused = b.run("acquire", str(project))
+    assert refused.returncode == HELD and "job 12345 (sh)" in refused.stderr
     broken = b.run("break", str(project), "--force")
     assert broken.returncode == 0, broken.stderr
     _, err = runner.communicate(timeout=TTL + 1 + 10)

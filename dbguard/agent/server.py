@@ -588,7 +588,10 @@ class Agent:
             if op == AgentOp.ACQUIRE:
                 project = Project(_project_id(request), Path(str(request["path"])))
                 result = self._acquire(
-                    project, wait=bool(request.get("wait")), takeover=bool(request.get("takeover"))
+                    project,
+                    wait=bool(request.get("wait")),
+                    takeover=bool(request.get("takeover")),
+                    work=_work(request.get("work")),
                 )
                 return protocol.reply_ok(req_id, **result)
             if op == AgentOp.RELEASE:
@@ -636,7 +639,13 @@ class Agent:
             ).to_reply(req_id)
 
     def _acquire(
-        self, project: Project, *, wait: bool, takeover: bool, reclaiming: int | None = None
+        self,
+        project: Project,
+        *,
+        wait: bool,
+        takeover: bool,
+        reclaiming: int | None = None,
+        work: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Ask the lease service for the writer lease, and take it up (`_take_up`). ``reclaiming``
         is the token of the lease this agent's predecessor held, when it takes that back."""
@@ -650,6 +659,7 @@ class Agent:
                 floor=token_floor(project),
                 unflushed=unflushed,
                 dirty=unflushed > 0 or self._announced(project.id),
+                **(work or {}),
             )
         )
         if not reply["ok"]:
@@ -815,3 +825,16 @@ def _describe_loss(result: dict[str, Any]) -> str:
 
 def _wall_text(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+def _work(value: Any) -> dict[str, Any] | None:
+    """What a writer says it runs ({"command", "pid", "job"}), checked field by field: the lease
+    service refuses an acquire whose fields have the wrong type."""
+    if not isinstance(value, dict):
+        return None
+    work: dict[str, Any] = {}
+    for name, kind in (("command", str), ("pid", int), ("job", str)):
+        item = value.get(name)
+        if isinstance(item, kind) and not isinstance(item, bool) and item != "":
+            work[name] = item
+    return work or None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -30,7 +31,7 @@ from typing import Any
 from dbguard.agent import local as local_agent
 from dbguard.agent.lease_check import WriterGuard
 from dbguard.data import project as projects
-from dbguard.errors import CommandStopped, LeaseHeld, LeaseLost, UsageError
+from dbguard.errors import CommandStopped, GuardError, LeaseHeld, LeaseLost, UsageError
 from dbguard.results import Lease, QueuePlace
 from dbguard.settings import Settings
 
@@ -82,6 +83,10 @@ def run_command(
         raise UsageError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
     lost: LeaseLost | LeaseHeld | None = None
     with _passed_on(child.pid), _in_foreground(child.pid):
+        # Now that the command has a pid, the lease service learns what the writer runs, so
+        # that `status` on any host reads "held by job 12345 (relion_refine) of ann on node7".
+        with contextlib.suppress(GuardError):
+            acquire(lease.path, settings=settings, work=work_of(argv, child.pid))
         while child.poll() is None:
             time.sleep(_WATCH_INTERVAL)
             try:
@@ -103,6 +108,23 @@ def run_command(
         )
     _give_back(release, lease, settings, keep)
     return RunResult(lease, returncode if returncode >= 0 else 128 - returncode, released=not keep)
+
+
+# The variables batch systems set in a job's environment, in the order they are looked for.
+_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")
+_COMMAND_SHOWN = 200  # characters of the command line the lease service keeps
+
+
+def work_of(argv: Sequence[str], pid: int) -> dict[str, Any]:
+    """What the writer runs: its command line (shortened), its pid, its batch job if any."""
+    command = shlex.join(argv)
+    if len(command) > _COMMAND_SHOWN:
+        command = command[: _COMMAND_SHOWN - 3] + "..."
+    work: dict[str, Any] = {"command": command, "pid": pid}
+    job = next((os.environ[name] for name in _JOB_VARIABLES if os.environ.get(name)), None)
+    if job:
+        work["job"] = job[:_COMMAND_SHOWN]
+    return work
 
 
 def _give_back(release: Callable[..., dict[str, Any]], lease: Lease, settings: Settings, keep: bool) -> None:

@@ -249,6 +249,7 @@ class Broker:
                     floor=request.floor,
                     unflushed=request.unflushed,
                     dirty=request.dirty,
+                    work=requests.work_of(request),
                 )
                 self.stats["grants"] += decision.kind == "granted" and decision.fields.get("mode") == "write"
                 return _reply_for(req_id, decision)

@@ -46,7 +46,7 @@ from dbguard.errors import BrokerUnavailable, GuardError, UsageError
 from dbguard.lease import protocol, requests
 from dbguard.lease.client import error_from_reply  # the broker client's mapping of error replies
 from dbguard.lease.protocol import ErrorKind, ProtocolError
-from dbguard.lease.rules import Holder, LeaseState, RenewItem
+from dbguard.lease.rules import Holder, LeaseState, RenewItem, work_fields
 from dbguard.settings import check_seconds
 
 DEFAULT_PREFIX = "dbguard"
@@ -600,20 +600,21 @@ class EtcdLeases:
             return protocol.reply_ok(req_id, status="granted", mode="read", ttl=float(self._lease_ttl()))
         wait, takeover, floor = request.wait, request.takeover, request.floor
         unflushed, dirty = request.unflushed, request.dirty  # see `rules.LeaseTable.acquire`
+        work = requests.work_of(request)
         for _ in range(_RACE_RETRIES):
             view = self._observe(self._read(project))
             state, current = view.state, view.holder
             if current is not None and current.key == holder.key and state is not LeaseState.FREE:
                 # The same user, host and cache again: a retry, a restarted agent, or the holder
                 # of an orphaned lease coming back. Nobody was granted since: the token stands.
-                if self._resume(view, holder, unflushed, dirty=dirty):
+                if self._resume(view, holder, unflushed, dirty=dirty, work=work):
                     return self._granted(req_id, self._read(project))
                 continue
             if state is LeaseState.FREE and (not view.queue or view.queue[0].holder.key == holder.key):
                 if view.writer is not None:
                     self._retire(view, "expired")  # the lock-delay ended: clear it, then grant
                     continue
-                granted = self._grant(view, holder, floor, unflushed, dirty)
+                granted = self._grant(view, holder, floor, unflushed, dirty, work)
                 if granted is not None:
                     return protocol.reply_ok(req_id, **granted)
                 continue
@@ -633,7 +634,13 @@ class EtcdLeases:
         )
 
     def _grant(
-        self, view: _View, holder: Holder, floor: int, unflushed: int, dirty: bool
+        self,
+        view: _View,
+        holder: Holder,
+        floor: int,
+        unflushed: int,
+        dirty: bool,
+        work: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """The granted lease's reply fields, or None if the project changed since ``view``."""
         keys = self._keys(view)
@@ -656,6 +663,7 @@ class EtcdLeases:
             "unflushed": unflushed,
             "dirty": dirty,
             "takeover_by": None,
+            "work": work,
         }
         success = [
             _put(keys["writer"], record),
@@ -683,9 +691,18 @@ class EtcdLeases:
             "takeover_by": takeover_by,
         }
 
-    def _resume(self, view: _View, holder: Holder, unflushed: int, *, dirty: bool = False) -> bool:
+    def _resume(
+        self,
+        view: _View,
+        holder: Holder,
+        unflushed: int,
+        *,
+        dirty: bool = False,
+        work: dict[str, Any] | None = None,
+    ) -> bool:
         """Renew the holder's lease in etcd if anything changed; False if the record moved.
-        ``dirty`` only ever sets the writer's dirty mark (an acquire of an announced cache)."""
+        ``dirty`` only ever sets the writer's dirty mark (an acquire of an announced cache);
+        ``work``, when given, replaces what the writer runs."""
         assert view.writer is not None
         session, _ = self._session(holder)
         record = view.writer.value
@@ -695,6 +712,7 @@ class EtcdLeases:
             and int(record.get("unflushed", 0)) == unflushed
             and Holder.from_json(record["holder"]) == holder
             and (bool(record.get("dirty")) or not dirty)
+            and (work is None or record.get("work") == work)
         ):
             return True
         keys = self._keys(view)
@@ -705,6 +723,8 @@ class EtcdLeases:
             "dirty": bool(record.get("dirty")) or dirty,
             "expired": False,
         }
+        if work is not None:
+            fresh["work"] = work
         fresh.pop("lapsed_at", None)
         lapsed = view.alive is None
         if lapsed:
@@ -799,6 +819,7 @@ class EtcdLeases:
                 "token": view.token,
                 "unflushed": int(record.get("unflushed", 0)),
                 "dirty": view.holds_data,
+                **work_fields(record.get("work")),
             }
         if view.state is LeaseState.LOCK_DELAY:
             fields["retry_after"] = self._delay_left(view)
@@ -988,6 +1009,7 @@ class EtcdLeases:
                 "unflushed": int(record.get("unflushed", 0)),
                 "dirty": view.holds_data,
                 "takeover_by": record.get("takeover_by"),
+                **work_fields(record.get("work")),
             }
         return protocol.project_status(
             view.project,

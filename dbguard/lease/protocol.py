@@ -113,6 +113,10 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
         "floor": (int, False),
         "unflushed": (int, False),
         "dirty": (bool, False),
+        # What the writer runs, for people reading status: the command, its pid, its batch job.
+        "command": (str, False),
+        "pid": (int, False),
+        "job": (str, False),
     },
     Op.RENEW: {"holder": _HOLDER, "leases": (list, True)},
     Op.RELEASE: {"project": _PROJECT, "holder": _HOLDER, "token": (int, False), "mode": (str, False)},
@@ -205,7 +209,7 @@ def decode_request(frame: bytes) -> dict[str, Any]:
             raise ProtocolError(f"a project name must be at most {_MAX_PROJECT_BYTES} bytes of UTF-8")
     if message.get("mode", "write") not in ("write", "read"):
         raise ProtocolError("'mode' must be 'write' or 'read'")
-    for name in ("floor", "unflushed", "token"):
+    for name in ("floor", "unflushed", "token", "pid"):
         if name in message and not 0 <= message[name] <= _MAX_INT:
             raise ProtocolError(f"'{name}' must be from 0 to 2**63 - 1")
     return message
@@ -291,7 +295,8 @@ def project_status(
     grace_left: float,
 ) -> dict[str, Any]:
     """One project's entry in a status reply, the same from either lease service. ``writer``
-    holds host, user, since, token, ttl_left, unflushed and takeover_by."""
+    holds host, user, since, token, ttl_left, unflushed, dirty, takeover_by, and what the writer
+    runs: command, pid and job (None when it did not say)."""
     return {
         "project": project,
         "known": True,

@@ -42,6 +42,9 @@ class Acquire:
     floor: int = 0
     unflushed: int = 0
     dirty: bool = False
+    command: str | None = None  # what the writer runs, shown by status (`dbguard run`)
+    pid: int | None = None
+    job: str | None = None  # the batch job it belongs to (SLURM_JOB_ID and the like)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,13 @@ class Mark:
     token: int
     dirty: bool
     unflushed: int | None = None
+
+
+def work_of(request: Acquire) -> dict[str, Any] | None:
+    """What the writer runs, as the lease service keeps it; None when the acquire did not say."""
+    if request.command is None and request.pid is None and request.job is None:
+        return None
+    return {"command": request.command, "pid": request.pid, "job": request.job}
 
 
 Request = Hello | Acquire | Renew | Release | LeaveQueue | Status | Break | Mark

@@ -112,11 +112,19 @@ class WriterLease:
     # one computed before a write and answered after it would otherwise hide that write.
     dirty: bool = False
     takeover_by: str | None = None  # holder key of whoever asked for a takeover
+    # What the writer runs, as its acquire said: {"command", "pid", "job"}, for people.
+    work: dict[str, Any] | None = None
 
     @property
     def holds_data(self) -> bool:
         """Whether the holder may hold acknowledged unflushed data: its expiry orphans."""
         return self.dirty or self.unflushed > 0
+
+
+def work_fields(work: dict[str, Any] | None) -> dict[str, Any]:
+    """A writer's work as status shows it: command, pid and job, None where not given."""
+    work = work or {}
+    return {"command": work.get("command"), "pid": work.get("pid"), "job": work.get("job")}
 
 
 @dataclass(slots=True)
@@ -161,6 +169,7 @@ class ProjectLeases:
                 "since": self.writer.since,
                 "unflushed": self.writer.unflushed,
                 "dirty": self.writer.dirty,
+                "work": self.writer.work,
             }
         loss = None
         if self.loss is not None:
@@ -227,6 +236,7 @@ class LeaseTable:
                     expires=self.grace_until,
                     unflushed=int(w.get("unflushed", 0)),
                     dirty=bool(w.get("dirty", False)),
+                    work=w.get("work"),
                 )
             if entry.state is LeaseState.LOCK_DELAY:
                 # The lease expired before the restart, at a time the record does not keep; the
@@ -254,8 +264,12 @@ class LeaseTable:
         floor: int = 0,
         unflushed: int = 0,
         dirty: bool = False,
+        work: dict[str, Any] | None = None,
     ) -> Decision:
-        """``dirty``: the holder's cache is announced dirty (see `mark`), so the lease is dirty
+        """``work``: what the writer runs ({"command", "pid", "job"}), kept for status; an
+        acquire that resumes a lease with ``work`` replaces it.
+
+        ``dirty``: the holder's cache is announced dirty (see `mark`), so the lease is dirty
         from the grant on, whatever heartbeats report, until the holder marks it clean. A
         heartbeat of an empty but announced cache reports 0 bytes, and the next write then
         goes through the announced cache without asking: the lease must already be dirty."""
@@ -270,9 +284,12 @@ class LeaseTable:
             # lease, or the holder of an orphaned lease coming back. Nobody else was granted in
             # between, so the old token is still the newest and the lease simply resumes.
             assert writer is not None
+            if work is not None and writer.work != work:
+                writer.work = work
+                self._mark(entry)
             return self._resume(entry, writer, holder, now, unflushed, dirty=dirty)
         if entry.state is LeaseState.FREE and not self.in_grace(now) and self._may_take(entry, holder):
-            return self._grant(entry, holder, now, wall, floor, unflushed, dirty)
+            return self._grant(entry, holder, now, wall, floor, unflushed, dirty, work)
         if (
             takeover
             and entry.state is LeaseState.HELD
@@ -394,6 +411,7 @@ class LeaseTable:
                 "unflushed": w.unflushed,
                 "dirty": w.holds_data,
                 "takeover_by": w.takeover_by,
+                **work_fields(w.work),
             }
         return protocol.project_status(
             project,
@@ -480,12 +498,13 @@ class LeaseTable:
         floor: int,
         unflushed: int,
         dirty: bool,
+        work: dict[str, Any] | None = None,
     ) -> Decision:
         # The token is strictly greater than every earlier one, and than the floor the client
         # read from the project directory, so a lost broker state cannot reissue old tokens.
         token = max(entry.last_token, floor) + 1
         entry.last_token = token
-        entry.writer = WriterLease(holder, token, wall, now + self.timing.ttl, unflushed, dirty)
+        entry.writer = WriterLease(holder, token, wall, now + self.timing.ttl, unflushed, dirty, work=work)
         entry.state = LeaseState.HELD
         self._dequeue(entry, holder.key)
         self._mark(entry, sync=True)
@@ -602,6 +621,7 @@ class LeaseTable:
                 "token": writer.token,
                 "unflushed": writer.unflushed,
                 "dirty": writer.holds_data,
+                **work_fields(writer.work),
             }
         if entry.state is LeaseState.LOCK_DELAY:
             fields["retry_after"] = max(0.0, entry.free_at - now)
