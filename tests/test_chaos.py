@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +39,66 @@ REPO = Path(__file__).resolve().parents[1]
 TTL = 1.5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["embedded", "etcd"])
-def test_a_short_chaos_run_injects_every_fault_and_breaks_no_invariant(backend: str) -> None:
+BACKENDS = ("embedded", "etcd")
+
+
+@dataclass
+class ChaosRun:
+    process: subprocess.Popen[str]
+    output: Path  # its stdout: the JSON report
+    log: Path  # its stderr: the harness log
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess[str]:
+        self.process.wait(timeout=timeout)
+        out, err = self.output.read_text(), self.log.read_text()
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def chaos_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ChaosRun]]:
+    """Both 30-second runs, started together: they are independent processes, and the suite
+    is shorter by one run. Their output goes to files, so that neither waits on a full pipe
+    while the other is read. A backend that cannot run here has no entry (its test says why)."""
+    runs: dict[str, ChaosRun] = {}
+    logs = tmp_path_factory.mktemp("chaos")
+    for backend in BACKENDS:
+        if _why_not(backend) is not None:
+            continue
+        command = [sys.executable, "-m", "tools.chaos", "--hosts", "3", "--writers", "3"]
+        command += ["--readers", "2", "--seconds", "30", "--seed", "20240611", "--json"]
+        command += ["--backend", backend]
+        if backend == "etcd":
+            command += ["--ttl", "2"]  # etcd counts lease TTLs in whole seconds
+        output, log = logs / f"{backend}.json", logs / f"{backend}.log"
+        with open(output, "w") as out, open(log, "w") as err:
+            process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, text=True)
+        runs[backend] = ChaosRun(process, output, log)
+    yield runs
+    for run in runs.values():
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+
+
+def _why_not(backend: str) -> str | None:
     why = namespaces_unavailable() or sshfs_unavailable()
     if why is None and backend == "etcd":
         why = etcd_unavailable()
+    return why
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_short_chaos_run_injects_every_fault_and_breaks_no_invariant(
+    backend: str, chaos_runs: dict[str, ChaosRun]
+) -> None:
+    why = _why_not(backend)
     if why:
         # CI runs as root with namespaces and FUSE, and installs etcd: there this is a failure.
         if os.environ.get("CI") == "true":
             pytest.fail(f"the {backend} chaos run cannot run: {why}")
         pytest.skip(f"the {backend} chaos run needs simulated hosts (root) and etcd: {why}")
-    command = [sys.executable, "-m", "tools.chaos", "--hosts", "3", "--writers", "3"]
-    command += ["--readers", "2", "--seconds", "30", "--seed", "20240611", "--json", "--backend", backend]
-    if backend == "etcd":
-        command += ["--ttl", "2"]  # etcd counts lease TTLs in whole seconds
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420, check=False)
+    result = chaos_runs[backend].result(timeout=420)
     assert result.returncode in (0, 1) and result.stdout, f"the harness failed:\n{result.stderr[-6000:]}"
     data = json.loads(result.stdout)
     shown = f"{render(data)}\n--- harness log ---\n{result.stderr[-4000:]}"

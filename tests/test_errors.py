@@ -169,7 +169,7 @@ RAISING_AGENT = textwrap.dedent(
     settings = load()
     directory = prepare_cache_dir(settings.cache)
 
-    def refuse(self, project, *, wait, takeover):
+    def refuse(self, project, *, wait, takeover, **_):
         raise sample(classes[(directory / "raise").read_text()])
 
     Agent._acquire = refuse

@@ -313,7 +313,7 @@ def test_the_broker_and_etcd_answer_every_request_alike(etcd_cluster: EtcdCluste
     # A few dozen examples, each on a fresh broker and etcd prefix: about 20 s on 2 cores.
     with mock.patch.object(broker_module, "time", clock):
         run_state_machine_as_test(
-            OnThisCluster, settings=settings(max_examples=30, stateful_step_count=40, deadline=None)
+            OnThisCluster, settings=settings(max_examples=20, stateful_step_count=40, deadline=None)
         )
 
 
