@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import pty
 import signal
+import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -91,3 +96,41 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone for our purpose
         return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_ctrl_c_on_a_terminal_reaches_the_command_and_the_lease_is_still_released(
+    hosts: dict[str, Host], project: Path, tmp_path: Path
+) -> None:
+    """On a terminal the command's process group is the foreground one: Ctrl-C (the terminal
+    driver's SIGINT to that group) ends the command, and run still flushes and releases."""
+    a = hosts["a"]
+    ready = tmp_path / "ready"
+    controller, terminal = pty.openpty()
+
+    def on_the_terminal() -> None:  # a session of its own, with the pty as its terminal
+        os.setsid()
+        fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+
+    runner = subprocess.Popen(
+        a.command(["run", str(project), "--", "sh", "-c", f"touch {ready}; exec sleep 600"]),
+        env=a.env,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        preexec_fn=on_the_terminal,
+    )
+    os.close(terminal)
+    try:
+        assert wait_for(ready.exists, timeout=20)
+        time.sleep(0.3)
+        os.write(controller, b"\x03")  # Ctrl-C
+        runner.wait(timeout=30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        with contextlib.suppress(OSError):
+            while os.read(controller, 65536):
+                pass
+        os.close(controller)
+    assert runner.returncode == 128 + signal.SIGINT
+    assert project_state(a, project)["state"] == "free"
