@@ -318,3 +318,31 @@ def sample(cls: type[BaseException]) -> BaseException:
         values = {name: _sample_value(hints[name], name, n) for n, name in enumerate(names[1:])}
         return cls(f"{cls.__name__} happened, because of /a/path; do this", **values)
     return cls(*(_sample_value(hints.get(name, str), name, n) for n, name in enumerate(names)))
+
+
+# -------------------------------------------------------------------------- the wheel
+
+
+def build_wheel(directory: Path) -> Path:
+    """The wheel `pip install .` would install, built from a copy of the tree in ``directory``
+    (links kept as links: setuptools builds in the source tree, and the checkout stays clean),
+    with this environment's setuptools rather than one fetched afresh."""
+    import shutil
+
+    repo = Path(__file__).resolve().parent.parent
+    source = directory / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "setup.py"):
+        shutil.copy(repo / name, source / name)
+    for name in ("dbguard", "cache"):
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(repo / name, source / name, symlinks=True, ignore=ignore)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", directory, source],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = directory.glob("dbguard-*.whl")
+    return wheel

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dbguard.files.startup import HOOK_LINE, HOOK_NAME, _is_own_service, install_hook
-from tests.support import MakeSimHost, sim_hosts
+from tests.support import MakeSimHost, build_wheel, sim_hosts
 from tools.testbed import BrokerProcess
 
 # The five writes of the done-when, each in its own file; prints one JSON line per write:
@@ -302,25 +302,8 @@ def test_install_hook_writes_the_line_once(tmp_path: Path) -> None:
 
 
 def test_the_wheel_carries_the_start_up_hook_at_its_root(tmp_path: Path) -> None:
-    import shutil
     import zipfile
 
-    repo = Path(__file__).parent.parent
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md", "setup.py"):
-        shutil.copy(repo / name, source / name)
-    for name in ("dbguard", "cache"):
-        shutil.copytree(
-            repo / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path, source],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr
-    [wheel] = tmp_path.glob("dbguard-*.whl")
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         assert archive.read(HOOK_NAME).decode() == HOOK_LINE

@@ -9,38 +9,23 @@ from __future__ import annotations
 
 import ast
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from tests.support import build_wheel
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_pip_install_puts_only_dbguard_at_the_top_level_and_the_cache_inside_it(tmp_path: Path) -> None:
-    # A copy, links kept as links: setuptools builds in the source tree, and the checkout stays clean.
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    for name in ("dbguard", "cache"):
-        shutil.copytree(
-            REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    # --no-build-isolation: build with this environment's setuptools, not one fetched afresh.
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path, source],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr
-    [wheel] = tmp_path.glob("dbguard-*.whl")
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         top = {name.split("/")[0] for name in archive.namelist()}
         names = set(archive.namelist())
-    assert {name for name in top if not name.endswith(".dist-info")} == {"dbguard"}
+    # Packages only: the start-up hook (dbguard-guard.pth) is a file beside them.
+    assert {name for name in top if not name.endswith((".dist-info", ".pth"))} == {"dbguard"}
     assert "dbguard/cache/store.py" in names
     site = tmp_path / "site"
     installed = subprocess.run(
