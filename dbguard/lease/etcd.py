@@ -331,6 +331,17 @@ class _View:
             return LeaseState.FREE  # the lock-delay is over; the record goes with the next grant
         return LeaseState.LOCK_DELAY
 
+    def held_by(self, holder: Holder, token: int | None = None) -> bool:
+        """Whether ``holder`` has the writer lease (with ``token``, when given): held, orphaned or
+        in lock-delay, but not lapsed for good (free)."""
+        current = self.holder
+        return (
+            current is not None
+            and current.key == holder.key
+            and (token is None or self.token == token)
+            and self.state is not LeaseState.FREE
+        )
+
     @property
     def lapse_unrecorded(self) -> bool:
         """The writer's etcd lease ran out, and nobody has recorded the lapse yet."""
@@ -603,8 +614,8 @@ class EtcdLeases:
         work = requests.work_of(request)
         for _ in range(_RACE_RETRIES):
             view = self._observe(self._read(project))
-            state, current = view.state, view.holder
-            if current is not None and current.key == holder.key and state is not LeaseState.FREE:
+            state = view.state
+            if view.held_by(holder):
                 # The same user, host and cache again: a retry, a restarted agent, or the holder
                 # of an orphaned lease coming back. Nobody was granted since: the token stands.
                 if self._resume(view, holder, unflushed, dirty=dirty, work=work):
@@ -843,13 +854,7 @@ class EtcdLeases:
             project, token, unflushed = item.project, item.token, item.unflushed
             for _ in range(_RACE_RETRIES):
                 view = self._observe(self._read(project))
-                current = view.holder
-                if (
-                    current is not None
-                    and current.key == holder.key
-                    and view.token == token
-                    and view.state is not LeaseState.FREE
-                ):
+                if view.held_by(holder, token):
                     if not self._resume(view, holder, unflushed):
                         continue
                     takeover_by = view.writer.value.get("takeover_by") if view.writer else None
@@ -874,13 +879,7 @@ class EtcdLeases:
         self._renew_session(holder)
         for _ in range(_RACE_RETRIES):
             view = self._observe(self._read(project))
-            current = view.holder
-            if (
-                current is None
-                or current.key != holder.key
-                or view.token != token
-                or view.state is LeaseState.FREE
-            ):
+            if not view.held_by(holder, token):
                 return protocol.reply_error(
                     req_id,
                     ErrorKind.LOST,
@@ -926,13 +925,7 @@ class EtcdLeases:
             return {}
         for _ in range(_RACE_RETRIES):
             view = self._observe(self._read(project))
-            current = view.holder
-            if (
-                current is None
-                or current.key != holder.key
-                or (token is not None and view.token != token)
-                or view.state is LeaseState.FREE  # lapsed, and its lock-delay is over: nothing held
-            ):
+            if not view.held_by(holder, token):  # a lease lapsed for good holds nothing
                 if any(w.holder.key == holder.key for w in view.queue):
                     self.transport.txn([], [_delete(base + "queue/" + holder.key)])
                 return {"held": False}
