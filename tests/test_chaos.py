@@ -88,6 +88,8 @@ def _why_not(backend: str) -> str | None:
 
 
 @pytest.mark.slow
+# Both parametrisations share the module's runs: keep them on one pytest-xdist worker.
+@pytest.mark.xdist_group("chaos")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_short_chaos_run_injects_every_fault_and_breaks_no_invariant(
     backend: str, chaos_runs: dict[str, ChaosRun]

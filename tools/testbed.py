@@ -353,6 +353,12 @@ class Host(_AgentOnHost):
         self.kill_agent()
 
 
+def _alive(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -552,11 +558,16 @@ class SimHost(_AgentOnHost):
 
     def crash(self) -> None:
         """SIGKILL every process of the host at once: its agent, writers, sshfs and init."""
-        victims = self.processes()
-        for process in victims:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(victims, timeout=10)
+        # Again until none is left: a process forked while the first round was listed (an agent
+        # being started, a server of its) would otherwise live on past the crash.
+        for _ in range(10):
+            victims = [p for p in self.processes() if _alive(p)]
+            if not victims:
+                break
+            for process in victims:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            psutil.wait_procs(victims, timeout=2)
         if self.init is not None:
             self.init.wait(10)
         self.mount = None

@@ -21,7 +21,9 @@ from dbguard.lease.client import Client
 from dbguard.lease.protocol import AgentOp
 from dbguard.settings import Settings
 
-_START_TIMEOUT = 10.0
+# How long a command waits for the agent it started. A new agent imports numpy and LMDB and
+# reopens its saved leases: a second on an idle machine, many on a loaded cluster node.
+_START_TIMEOUT = 30.0
 
 
 def cache_dir(settings: Settings) -> Path:

@@ -50,6 +50,8 @@ from tools.chaos.nemesis import FAULT_KINDS, Nemesis
 
 # The checkout the hosts must run: tools/chaos/harness.py is three levels below it.
 REPO = Path(__file__).resolve().parents[2]
+# How far past its length a run may go to inject every kind of fault once.
+EXTRA_SECONDS = 30.0
 
 
 def host_visible(path: str) -> str:
@@ -379,7 +381,11 @@ class Harness:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
-        while time.monotonic() < self.stop_at:
+        # A loaded machine may not fit every kind of fault into a short run: the run goes on
+        # (for at most EXTRA_SECONDS) until each was injected once, so none goes untested.
+        while time.monotonic() < self.stop_at or (
+            self.nemesis.to_do and time.monotonic() < self.stop_at + EXTRA_SECONDS
+        ):
             self.supervise()
             time.sleep(0.2)
         log("run over; stopping the nemesis and the clients")
