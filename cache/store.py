@@ -45,6 +45,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -92,6 +93,10 @@ _STATE = b"state"
 _COUNT_PREFIX = b"count:"
 _NOTE_PREFIX = b"note:"
 _ANNOUNCED = b"announced"
+# An append's caller-chosen key (a worker's request id), so that one resent appends once.
+_ONCE_PREFIX = b"once:"
+_ONCE_VALUE = struct.Struct(">Qd")  # the index it was given, wall time
+_MAX_ONCE_KEY = 128
 _HEADER_SUFFIX = b"h"
 
 _U64 = struct.Struct(">Q")
@@ -745,10 +750,16 @@ def _store(
         txn.put(names.count_key, _U64.pack(top) + shared_layout, True, True, False, meta)
 
 
-def _append(txn: Any, s: _Shared, names: _Names, parts: _Parts, gated: bool) -> int:
+def _append(txn: Any, s: _Shared, names: _Names, parts: _Parts, gated: bool, once: bytes | None) -> int:
+    if once is not None:
+        done = txn.get(_ONCE_PREFIX + once, None, s.meta)
+        if done is not None:
+            return int(_ONCE_VALUE.unpack(done)[0])
     counted = _read_count(txn, s.meta, names.count_key)
     index = counted[0]
     _store(txn, s, names, [(index, names.prefix + _U64.pack(index), parts)], counted, gated=gated)
+    if once is not None:
+        txn.put(_ONCE_PREFIX + once, _ONCE_VALUE.pack(index, time.time()), True, True, False, s.meta)
     return index
 
 
@@ -1044,11 +1055,36 @@ class CacheStore:
         for batch in _batches(prepared, _MANY_TXN_BYTES):
             self._write(functools.partial(_store, names=names, items=batch, gated=self._gated))
 
-    def append(self, db: str, array: NDArray[Any], attrs: bytes = b"") -> int:
-        """Store ``array`` at index ``count(db)``, decided inside the transaction."""
+    def append(self, db: str, array: NDArray[Any], attrs: bytes = b"", *, once: bytes | None = None) -> int:
+        """Store ``array`` at index ``count(db)``, decided inside the transaction.
+
+        ``once`` (at most 128 bytes) makes the append idempotent: an append with a key already
+        used returns the index the first one was given and writes nothing. The key is kept in
+        the same transaction as the record, so a crash keeps both or neither."""
+        if once is not None and not 0 < len(once) <= _MAX_ONCE_KEY:
+            raise ValueError(f"an append's once key must be 1 to {_MAX_ONCE_KEY} bytes")
         names = _names(db)
         parts = _prepare(array, attrs)
-        return self._write(lambda txn, s: _append(txn, s, names, parts, self._gated))
+        return self._write(lambda txn, s: _append(txn, s, names, parts, self._gated, once))
+
+    def forget_once(self, older_than: float) -> int:
+        """Drop the once keys of appends made before the wall time ``older_than`` (nobody
+        resends a request that old); returns how many were dropped."""
+
+        def run(txn: Any, s: _Shared) -> int:
+            stale = []
+            cursor = txn.cursor(s.meta)
+            if cursor.set_range(_ONCE_PREFIX):
+                for key, value in cursor:
+                    if not bytes(key).startswith(_ONCE_PREFIX):
+                        break
+                    if _ONCE_VALUE.unpack(value)[1] < older_than:
+                        stale.append(bytes(key))
+            for key in stale:
+                txn.delete(key, db=s.meta)
+            return len(stale)
+
+        return self._write(run)
 
     def raise_count(self, db: str, floor: int) -> int:
         """Make `append` number records from at least ``floor`` on: records the cache does

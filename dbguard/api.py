@@ -18,6 +18,7 @@ import numpy as np
 import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
 
 from dbguard.agent import local as local_agent
+from dbguard.agent.lease_check import WriterGuard
 from dbguard.agent.server import read_saved_leases
 from dbguard.cache import CacheStore, UnsafeCacheLocation, check_not_network
 from dbguard.data import flushing
@@ -47,6 +48,7 @@ from dbguard.lease.service import for_broker
 from dbguard.results import Lease, ProjectStatus, QueuePlace, Status, describe_writer
 
 if TYPE_CHECKING:
+    from dbguard.data.remote import RemoteDB
     from dbguard.files.run import RunResult
 from dbguard.settings import Settings, load
 from dbguard.units import human_size
@@ -202,12 +204,16 @@ def import_files(
     dataset: str | None = None,
     settings: Settings | None = None,
     progress: Callable[[int, int], None] | None = None,
+    remote: bool | None = None,
 ) -> dict[str, Any]:
     """Append the images of MRC, TIFF, HDF5 (EMAN2's layout too) and .npy/.npz files to image
-    database ``name``; needs this host's writer lease. ``progress(done, total)`` counts images."""
+    database ``name``; needs this host's writer lease, or ``remote`` (through the host that
+    serves the project). ``progress(done, total)`` counts images."""
     from dbguard.files import transfer
 
-    return transfer.import_files(project, name, files, dataset=dataset, settings=settings, progress=progress)
+    return transfer.import_files(
+        project, name, files, dataset=dataset, settings=settings, progress=progress, remote=remote
+    )
 
 
 @cache_errors_translated
@@ -219,12 +225,14 @@ def export_database(
     dataset: str | None = None,
     settings: Settings | None = None,
     progress: Callable[[int, int], None] | None = None,
+    remote: bool | None = None,
 ) -> dict[str, Any]:
-    """Write image database ``name`` to ``target``, the format chosen by its suffix; browses only."""
+    """Write image database ``name`` to ``target``, the format chosen by its suffix; browses only
+    (``remote``: reads through the host that serves the project, unflushed records too)."""
     from dbguard.files import transfer
 
     return transfer.export_database(
-        project, name, target, dataset=dataset, settings=settings, progress=progress
+        project, name, target, dataset=dataset, settings=settings, progress=progress, remote=remote
     )
 
 
@@ -404,6 +412,9 @@ def clear(
     settings = _settings(settings)
     target = projects.open_project(project)
     cache_root = local_agent.cache_dir(settings)
+    # Leaving this host ends serving it: workers are told the lease ended; what they wrote so
+    # far is in the cache and is flushed below. (The server is a writer of this host.)
+    _stop_serving(settings, target)
     writers = local_writers(settings, target)
     if writers and not force:
         names = ", ".join(f"{w['name']} (pid {w['pid']})" for w in writers)
@@ -429,6 +440,13 @@ def clear(
     done["agent_restarted"] = done["agent_restarted"] or restarted
     done["lease"] = _lease_left(settings, target)
     return done
+
+
+def _stop_serving(settings: Settings, target: projects.Project) -> None:
+    agent = local_agent.running(settings)
+    if agent is not None:
+        with agent, contextlib.suppress(GuardError):
+            agent.call_ok(AgentOp.UNSERVE, project=target.id)
 
 
 def _restart_agent(settings: Settings, target: projects.Project) -> bool:
@@ -613,18 +631,82 @@ def _lease_left(settings: Settings, target: projects.Project) -> dict[str, Any]:
 
 @cache_errors_translated
 def open(  # the documented name, `dbguard.open`, shadows the builtin in this module only
-    project: PathLike, name: str, mode: str = "r", *, settings: Settings | None = None
-) -> ImageDB:
-    """Open image database ``name`` of ``project``: "r" browses, "a"/"w" write (need the lease)."""
-    return open_imagedb(project, name, mode, settings=settings)
+    project: PathLike,
+    name: str,
+    mode: str = "r",
+    *,
+    remote: bool | None = None,
+    settings: Settings | None = None,
+) -> ImageDB | RemoteDB:
+    """Open image database ``name`` of ``project``: "r" browses, "a"/"w" write (need the lease).
+    ``remote=True`` (or ``DBGUARD_REMOTE=1``) reads and writes through the host that holds the
+    project and serves it (`dbguard serve`), unless this host holds it."""
+    return open_imagedb(project, name, mode, remote=remote, settings=settings)
+
+
+def _through_holder(settings: Settings, target: projects.Project, remote: bool | None) -> bool:
+    """Whether to read through the host that serves the project: asked for (``remote``, else
+    the ``remote`` setting) and this host does not hold the lease itself."""
+    if not (remote if remote is not None else settings.remote):
+        return False
+    try:
+        WriterGuard(local_agent.cache_dir(settings), target).check()
+    except (LeaseHeld, LeaseLost):
+        return True
+    return False
 
 
 @cache_errors_translated
-def browse(project: PathLike, *, settings: Settings | None = None) -> dict[str, Any]:
-    """What a project holds, read-only from any host: databases, counts, shapes, generation,
-    writer, how much unflushed data the writer has, and when it last flushed."""
+def serve(
+    project: PathLike = None,
+    *,
+    address: str | None = None,
+    stop: bool = False,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Serve a project this host holds to worker nodes (they open its databases with
+    ``remote=True``), on ``address`` (tcp://HOST:PORT; default every interface and a free port);
+    or ``stop`` serving it. Serving ends with the lease."""
     settings = _settings(settings)
     target = projects.open_project(project)
+    with local_agent.connect(settings) as agent:
+        if stop:
+            reply = agent.call_ok(AgentOp.UNSERVE, project=target.id)
+            return {"project": target.id, "path": str(target.path), "stopped": bool(reply["stopped"])}
+        address = address or "tcp://*:0"
+        if not address.startswith("tcp://") or not address[len("tcp://") :].rpartition(":")[0]:
+            raise UsageError(
+                f"serve address {address!r} must look like tcp://HOST:PORT (port 0: any free one)"
+            )
+        try:
+            reply = agent.call_ok(AgentOp.SERVE, project=target.id, address=address)
+        except LeaseLost as exc:
+            raise exc.with_remedy(
+                f"acquire({str(target.path)!r}) first", f"run `dbguard acquire {target.path}` first"
+            ) from None
+    return {"project": target.id, "path": str(target.path), **reply}
+
+
+@cache_errors_translated
+def browse(
+    project: PathLike, *, remote: bool | None = None, settings: Settings | None = None
+) -> dict[str, Any]:
+    """What a project holds, read-only from any host: databases, counts, shapes, generation,
+    writer, how much unflushed data the writer has, and when it last flushed. ``remote``: the
+    databases and counts as the host that serves the project sees them now (unflushed records
+    too; shapes are not listed)."""
+    settings = _settings(settings)
+    target = projects.open_project(project)
+    if _through_holder(settings, target, remote):
+        from dbguard.data import remote as served
+
+        live = served.databases(target, settings)
+        info = browse(target.path, remote=False, settings=settings)
+        info["databases"] = [
+            {"name": d["name"], "count": d["count"], "shapes": {}, "dtypes": []} for d in live
+        ]
+        info["live"] = True
+        return info
     store = ProjectStore(target.path, target.id)
     view = StoreView(store, local_agent.cache_dir(settings))
     try:
@@ -666,10 +748,24 @@ def browse(project: PathLike, *, settings: Settings | None = None) -> dict[str, 
 
 
 @cache_errors_translated
-def ls(project: PathLike, db: str | None = None, *, settings: Settings | None = None) -> dict[str, Any]:
-    """The databases of a project, or the records of one database, from the newest generation."""
+def ls(
+    project: PathLike,
+    db: str | None = None,
+    *,
+    remote: bool | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """The databases of a project, or the records of one database, from the newest generation
+    (``remote``: as the host that serves the project sees them now, unflushed records too)."""
     settings = _settings(settings)
     target = projects.open_project(project)
+    if _through_holder(settings, target, remote):
+        from dbguard.data import remote as served
+
+        if db is None:
+            return {"project": target.id, "live": True, "databases": served.databases(target, settings)}
+        with served.RemoteDB(target, db, "r", settings) as remote_db:
+            return {"project": target.id, "live": True, "database": db, "records": remote_db.records()}
     view = StoreView(ProjectStore(target.path, target.id), local_agent.cache_dir(settings))
     try:
         if db is None:

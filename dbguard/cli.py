@@ -26,7 +26,7 @@ from dbguard.errors import (
     from_cache_error,
 )
 from dbguard.lease import servers
-from dbguard.lease.keys import authorize, broker_keys, exposure_warning, init_broker, init_client
+from dbguard.lease.keys import authorize, broker_keys, exposure_warning, init_broker, init_client, is_loopback
 from dbguard.lease.protocol import AgentOp
 from dbguard.lease.rules import Timing
 from dbguard.results import ProjectStatus, QueuePlace, Status
@@ -51,6 +51,17 @@ def _common(func: F) -> F:
         return func(settings=settings, **kwargs)
 
     return wrapper  # type: ignore[return-value]  # click's decorators erase the signature
+
+
+def _remote_option(func: F) -> F:
+    """--remote: workers read (and import) through the host that serves the project; without
+    the flag the ``remote`` setting (DBGUARD_REMOTE) decides."""
+    return click.option(
+        "--remote",
+        is_flag=True,
+        default=None,
+        help="Through the host that serves the project (its unflushed records too).",
+    )(func)
 
 
 def _json_option(func: F) -> F:
@@ -221,12 +232,22 @@ def init(project: Path, as_json: bool) -> None:
 @click.argument("project", type=click.Path(path_type=Path), required=False)
 @click.option("--wait", type=float, metavar="SECONDS", help="Queue for the lease for up to SECONDS.")
 @click.option("--takeover", is_flag=True, help="Ask the holder to flush and release, and wait for it.")
+@click.option("--serve", "serve", is_flag=True, help="Also serve PROJECT to worker nodes (see `serve`).")
+@click.option("--address", metavar="tcp://HOST:PORT", help="Where to serve it (with --serve).")
 @_json_option
 @_common
 def acquire(
-    settings: Settings, project: Path | None, wait: float | None, takeover: bool, as_json: bool
+    settings: Settings,
+    project: Path | None,
+    wait: float | None,
+    takeover: bool,
+    serve: bool,
+    address: str | None,
+    as_json: bool,
 ) -> None:
     """Become the writer of PROJECT (default: the current directory)."""
+    if address is not None and not serve:
+        raise UsageError("--address says where to serve: give --serve with it")
     shown: set[int] = set()
 
     def queued(place: QueuePlace) -> None:
@@ -237,15 +258,57 @@ def acquire(
     lease = api.acquire(project, wait=wait, takeover=takeover, settings=settings, on_queued=queued)
     if lease.recovered_identity:  # project.json was lost and written again from the project store
         click.echo(f"dbguard: {lease.recovered_identity}", err=True)
-    _emit(as_json, lease.to_json(), f"acquired {lease.path} (token {lease.token}, ttl {lease.ttl:.0f}s)")
+    text = f"acquired {lease.path} (token {lease.token}, ttl {lease.ttl:.0f}s)"
+    data = lease.to_json()
+    if serve:
+        served = api.serve(lease.path, address=address, settings=settings)
+        data["serve"] = served["address"]
+        text += "\n" + _serving_text(served)
+    _emit(as_json, data, text)
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--address",
+    metavar="tcp://HOST:PORT",
+    help="Where workers reach this host (default: every interface, a free port).",
+)
+@click.option("--stop", is_flag=True, help="Stop serving PROJECT (the lease stays held).")
+@_json_option
+@_common
+def serve(settings: Settings, project: Path | None, address: str | None, stop: bool, as_json: bool) -> None:
+    """Serve PROJECT's image databases to worker nodes while this host holds its lease: workers
+    open them with dbguard.open(..., remote=True) or DBGUARD_REMOTE=1."""
+    if stop:
+        result = api.serve(project, stop=True, settings=settings)
+        _emit(as_json, result, "stopped serving" if result["stopped"] else "was not serving")
+        return
+    result = api.serve(project, address=address, settings=settings)
+    _emit(as_json, result, _serving_text(result))
+
+
+def _serving_text(result: dict[str, Any]) -> str:
+    text = f"serving {result['path']} to workers at {result['address']} (token {result['token']})"
+    if not result.get("key") and not is_loopback(result["address"]):
+        text += (
+            "\nwarning: without keys, anyone who can reach that port can read and write this project "
+            "through this host; set up keys (`dbguard keys --help`) or serve on a private network"
+        )
+    return text
 
 
 @main.command(name="import")
 @click.argument("args", nargs=-1, required=True, metavar="[PROJECT] NAME FILE...")
 @click.option("--dataset", metavar="PATH", help="The HDF5 dataset (or .npz member) to import.")
+@click.option(
+    "--remote", is_flag=True, help="Through the host that serves the project (its unflushed records too)."
+)
 @_json_option
 @_common
-def import_command(settings: Settings, args: tuple[str, ...], dataset: str | None, as_json: bool) -> None:
+def import_command(
+    settings: Settings, args: tuple[str, ...], dataset: str | None, remote: bool | None, as_json: bool
+) -> None:
     """Append the images of MRC, TIFF, HDF5 and .npy/.npz files to image database NAME (needs the
     lease)."""
     if len(args) < 2:
@@ -255,7 +318,9 @@ def import_command(settings: Settings, args: tuple[str, ...], dataset: str | Non
         project, args = Path(args[0]), args[1:]
     name, files = args[0], tuple(Path(f) for f in args[1:])
     with _progress(as_json, "importing") as progress:
-        result = api.import_files(project, name, files, dataset=dataset, settings=settings, progress=progress)
+        result = api.import_files(
+            project, name, files, dataset=dataset, settings=settings, progress=progress, remote=remote
+        )
     text = (
         f"imported {result['records']} images ({_size(result['bytes'])}) into {name}; "
         f"it now has {result['count']}"
@@ -274,10 +339,18 @@ def import_command(settings: Settings, args: tuple[str, ...], dataset: str | Non
     help="The file to write; its suffix chooses the format (.mrc .mrcs .st .map .tif .h5 .npy .npz).",
 )
 @click.option("--dataset", metavar="PATH", help="The HDF5 dataset to write (default: images).")
+@click.option(
+    "--remote", is_flag=True, help="Through the host that serves the project (its unflushed records too)."
+)
 @_json_option
 @_common
 def export_command(
-    settings: Settings, args: tuple[str, ...], target: Path, dataset: str | None, as_json: bool
+    settings: Settings,
+    args: tuple[str, ...],
+    target: Path,
+    dataset: str | None,
+    remote: bool | None,
+    as_json: bool,
 ) -> None:
     """Write image database NAME out to one file (read-only: works from any host)."""
     if len(args) > 2:
@@ -285,7 +358,13 @@ def export_command(
     project = Path(args[0]) if len(args) == 2 else None
     with _progress(as_json, "exporting") as progress:
         result = api.export_database(
-            project, args[-1], target, dataset=dataset, settings=settings, progress=progress
+            project,
+            args[-1],
+            target,
+            dataset=dataset,
+            settings=settings,
+            progress=progress,
+            remote=remote,
         )
     dropped = ", ".join(result["dropped_attrs"])
     text = f"exported {result['records']} images ({_size(result['bytes'])}) to {result['target']}"
@@ -376,6 +455,9 @@ def _status_text(result: Status) -> str:
             )
             if writer.pid is not None:
                 lines.append(f"  pid      {writer.pid} on {writer.host}")
+            if writer.serve:
+                secured = "with keys" if writer.serve_key else "without keys"
+                lines.append(f"  serves   workers at {writer.serve} ({secured})")
             if item.state == "orphaned":
                 # The lease service knows what the host last reported, and that it was dirty;
                 # records written after that report are stranded too.
@@ -394,7 +476,8 @@ def _status_text(result: Status) -> str:
         for lease in result.agent["leases"]:
             state = lease["state"] + (f": {lease['reason']}" if lease["reason"] else "")
             verb = "holds" if lease["state"] == "held" else "held"
-            lines.append(f"this host {verb} {lease['path']} (token {lease['token']}): {state}")
+            serving = f", serving workers at {lease['serve']}" if lease.get("serve") else ""
+            lines.append(f"this host {verb} {lease['path']} (token {lease['token']}): {state}{serving}")
         for notice in result.agent["notices"][-5:]:
             lines.append(f"notice {_when(notice['at'])} {notice['text']}")
     if not result.projects:
@@ -583,11 +666,14 @@ def _cleared_text(done: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("project", type=click.Path(path_type=Path), default=".")
+@click.option(
+    "--remote", is_flag=True, help="Through the host that serves the project (its unflushed records too)."
+)
 @_json_option
 @_common
-def browse(settings: Settings, project: Path, as_json: bool) -> None:
+def browse(settings: Settings, project: Path, remote: bool | None, as_json: bool) -> None:
     """Show what PROJECT (default: here) holds, read-only, from any host (no lease needed)."""
-    info = api.browse(project, settings=settings)
+    info = api.browse(project, remote=remote, settings=settings)
     lines = [f"project {info['path']}", f"  generation {info['generation']} (token {info['token']})"]
     if info["last_flush"]:
         by = info["last_flush_by"] or {}
@@ -615,11 +701,14 @@ def browse(settings: Settings, project: Path, as_json: bool) -> None:
 @main.command(name="ls")
 @click.argument("project", type=click.Path(path_type=Path))
 @click.argument("db", required=False)
+@click.option(
+    "--remote", is_flag=True, help="Through the host that serves the project (its unflushed records too)."
+)
 @_json_option
 @_common
-def ls_command(settings: Settings, project: Path, db: str | None, as_json: bool) -> None:
+def ls_command(settings: Settings, project: Path, db: str | None, remote: bool | None, as_json: bool) -> None:
     """List the databases of PROJECT, or the records of DB (read-only, from any host)."""
-    info = api.ls(project, db, settings=settings)
+    info = api.ls(project, db, remote=remote, settings=settings)
     if db is None:
         lines = [f"{item['name']}\t{item['count']}" for item in info["databases"]] or ["no databases yet"]
     else:

@@ -280,6 +280,25 @@ class CommandStopped(LeaseLost):
     kind = ErrorKind.STOPPED
 
 
+class NotServed(GuardError):
+    """A worker asked for a project through its holder, and no host serves it (nobody holds
+    it, or the holder did not run `dbguard serve`)."""
+
+    exit_code = ExitCode.HELD
+    kind = ErrorKind.NOT_SERVED
+
+    def __init__(self, message: str, project: str = "") -> None:
+        super().__init__(message)
+        self.project = project
+
+
+class HolderUnreachable(BrokerUnavailable):
+    """The host that serves a project to workers still holds its lease but has not answered
+    for ``serve_retry`` seconds."""
+
+    kind = ErrorKind.HOLDER_UNREACHABLE
+
+
 class EtcdClusterError(GuardError):
     """A local etcd cluster (`dbguard up --etcd`, the tests) did not start, answer or stop;
     `directory` is the cluster's directory and `member` the index of the member at fault (-1 if

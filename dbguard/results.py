@@ -30,6 +30,8 @@ class Lease:
     takeover_by: str | None = None  # who asked this host to hand the project over
     # Whether the lease service may believe this host holds unflushed data of the project.
     marked: bool = True
+    # Where this host serves the project to workers (`dbguard serve`), when it does.
+    serve: str | None = None
     # When the project's identity file was lost and written again from the project store: what
     # was written back (see dbguard.data.project.open_project).
     recovered_identity: str | None = None
@@ -46,6 +48,7 @@ class Lease:
             reason=str(reply.get("reason", "")),
             takeover_by=reply.get("takeover_by"),
             marked=bool(reply.get("marked", True)),
+            serve=reply.get("serve"),
             recovered_identity=recovered_identity,
         )
 
@@ -61,6 +64,7 @@ class Lease:
             "reason": self.reason,
             "takeover_by": self.takeover_by,
             "marked": self.marked,
+            "serve": self.serve,
         }
         if self.recovered_identity:
             data["identity"] = self.recovered_identity
@@ -92,6 +96,9 @@ class Writer:
     command: str | None = None
     pid: int | None = None
     job: str | None = None
+    # Where it serves the project to workers (`dbguard serve`), and its server's CURVE key.
+    serve: str | None = None
+    serve_key: str | None = None
 
     def doing(self) -> str:
         """ "job 12345 (relion_refine) of ann on node7", or "ann on node7"."""
@@ -121,6 +128,8 @@ def _writer(fields: dict[str, Any]) -> Writer:
         command=fields.get("command"),
         pid=fields.get("pid"),
         job=fields.get("job"),
+        serve=fields.get("serve"),
+        serve_key=fields.get("serve_key"),
     )
 
 

@@ -51,6 +51,9 @@ class Settings:
     retire_delay: float = 600.0  # seconds a compacted-away segment stays for readers of old manifests
     request_timeout: float = 5.0  # seconds to wait for the broker or agent to answer
     run_grace: float = 10.0  # seconds `dbguard run` gives a stopped command between SIGTERM and SIGKILL
+    # Workers: open databases through the host that serves the project (DBGUARD_REMOTE=1 in a job script).
+    remote: bool = False
+    serve_retry: float = 120.0  # seconds a worker waits for a holder that still holds the lease to answer
 
     @property
     def effective_grace(self) -> float:
@@ -77,9 +80,12 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "retire_delay": (0.0, 30 * _DAY),
     "request_timeout": (0.1, 3600.0),
     "run_grace": (0.0, 3600.0),
+    "serve_retry": (0.0, 3600.0),
 }
 _FLOATS = set(BOUNDS)
 _PATHS = {"cache", "keys", "state"}
+_BOOLS = {"remote"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 NAMES = tuple(f.name for f in fields(Settings))
 
 
@@ -107,6 +113,13 @@ def _span(seconds: float) -> str:
 def _convert(name: str, value: Any, origin: str) -> Any:
     if name in _FLOATS:
         return check_seconds(name, value, origin)
+    if name in _BOOLS:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise UsageError(f"{origin}: '{name}' must be true or false (1 or 0), not {value!r}")
     if not isinstance(value, str) or not value:
         raise UsageError(f"{origin}: '{name}' must be a non-empty string")
     if name in _PATHS:

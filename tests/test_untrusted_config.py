@@ -177,16 +177,16 @@ def test_the_broker_restarts_a_dead_authentication_thread_and_still_stops(
     broker_dir = tmp_path / "broker-keys"
     keys.init_broker(broker_dir)
     ws1 = _client_dir(tmp_path, broker_dir, "ws1", authorized=True)
-    original = broker_module._Authorized.callback
+    original = keys.AcceptKnownKeys.callback
     calls = []
 
-    def dies_once(self: broker_module._Authorized, domain: str, key: bytes) -> bool:
+    def dies_once(self: keys.AcceptKnownKeys, domain: str, key: bytes) -> bool:
         calls.append(key)
         if len(calls) == 1:
             raise SystemExit  # what no `except Exception` catches: the ZAP thread ends
         return original(self, domain, key)
 
-    monkeypatch.setattr(broker_module._Authorized, "callback", dies_once)
+    monkeypatch.setattr(keys.AcceptKnownKeys, "callback", dies_once)
     server = broker_module.Broker(
         "tcp://127.0.0.1:*",
         LmdbLeaseStore(tmp_path / "state"),

@@ -36,6 +36,7 @@ from typing import Any
 
 import zmq
 
+from dbguard.agent.serving import Servers
 from dbguard.cache import CacheError, CacheStore
 from dbguard.data import flushing
 from dbguard.data.project import Project, read_identity, token_floor, write_writer_record
@@ -96,6 +97,9 @@ class HeldLease:
     # before a writer's first unflushed write goes through (and, to be safe, on every grant),
     # cleared once a flush has emptied the cache and the lease service was told so.
     marked: bool = True
+    # Where this host serves the project to workers (`dbguard serve`), as bound: a restarted
+    # agent serves it there again, so workers find it where they left it.
+    serve: str | None = None
     last_renewed: float = field(default=0.0, repr=False)  # monotonic; not persisted
     last_flush: float = field(default=0.0, repr=False)  # monotonic; not persisted
     settle_after: float = field(default=0.0, repr=False)  # monotonic; not persisted
@@ -134,13 +138,27 @@ class HeldLease:
             or not isinstance(lease.reason, str)
             or not isinstance(lease.takeover_by, (str, type(None)))
             or not isinstance(lease.marked, bool)
+            or not (
+                lease.serve is None or (isinstance(lease.serve, str) and lease.serve.startswith("tcp://"))
+            )
         ):
             return None
         return lease
 
 
 _LEASE_STATES = ("held", "lost", "uncertain")
-_SAVED_FIELDS = ("project", "path", "token", "ttl", "since", "state", "reason", "takeover_by", "marked")
+_SAVED_FIELDS = (
+    "project",
+    "path",
+    "token",
+    "ttl",
+    "since",
+    "state",
+    "reason",
+    "takeover_by",
+    "marked",
+    "serve",
+)
 
 
 def read_saved_leases(cache_dir: Path) -> list[dict[str, Any]]:
@@ -176,6 +194,8 @@ class Agent:
         self._stopping = threading.Event()
         self._renew_now = threading.Event()
         self._next_settle = 0.0
+        self.servers = Servers(cache_dir)
+        self._next_serve_check = 0.0
 
     def _lock(self) -> int:
         fd = os.open(self.cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -207,10 +227,11 @@ class Agent:
             while not self._stopping.is_set():
                 if poller.poll(200):
                     self._carry_on(self._serve_local)
-                for step in (self._do_work, self._flush_due, self._settle_clean):
+                for step in (self._do_work, self._flush_due, self._settle_clean, self._keep_serving):
                     self._carry_on(step)
         finally:
             self._stopping.set()
+            self.servers.stop_all()
             heartbeats.join(timeout=5)
             self._socket.close()
             self.broker.close()
@@ -529,8 +550,76 @@ class Agent:
             lease.marked = False
         return not lease.marked
 
+    # ------------------------------------------------------------- serving
+
+    def _serve(self, project_id: str, address: str) -> dict[str, Any]:
+        """Serve a held project to workers on ``address`` (agent.serve), and record where in
+        the lease service, which is how workers find it."""
+        with self._table_lock:
+            lease = self.leases.get(project_id)
+        if lease is None or lease.state != "held":
+            raise LeaseLost(
+                f"this host does not hold the writer lease of {lease.path if lease else project_id}: "
+                "acquire it before serving it",
+                project=project_id,
+                reason=lease.reason if lease else "not held",
+            )
+        server = self.servers.start(lease.as_project(), address)
+        try:
+            reply = self.broker.send(
+                requests.Serve(project_id, self.holder, lease.token, server.address, server.key)
+            )
+            if not reply["ok"]:
+                raise error_from_reply(reply, self.settings.broker)
+        except GuardError:
+            self.servers.stop(project_id)
+            raise
+        lease.serve = server.address
+        self._save()
+        return {"address": server.address, "key": server.key, "token": lease.token}
+
+    def _unserve(self, project_id: str, *, tell: bool = True) -> bool:
+        """Stop serving a project; ``tell`` the lease service (not needed when the lease ends)."""
+        stopped = self.servers.stop(project_id)
+        with self._table_lock:
+            lease = self.leases.get(project_id)
+        if lease is None or lease.serve is None:
+            return stopped
+        lease.serve = None
+        self._save()
+        if tell and lease.state == "held":
+            reply = self.broker.send(requests.Serve(project_id, self.holder, lease.token))
+            if not reply["ok"]:
+                log.info("%s: the lease service did not hear that serving stopped: %s", project_id, reply)
+        return True
+
+    def _keep_serving(self) -> None:
+        """Serve what should be served: again after a restart of this agent (`_reclaim`) or of a
+        server that died; never a lease no longer held."""
+        now = time.monotonic()
+        if now < self._next_serve_check:
+            return
+        self._next_serve_check = now + 1.0
+        for lease in list(self.leases.values()):
+            server = self.servers.get(lease.project)
+            if lease.state == "lost" and server is not None:
+                self.servers.stop(lease.project)
+            if lease.state != "held" or lease.serve is None or (server is not None and server.running):
+                continue
+            try:
+                self._serve(lease.project, lease.serve)
+            except GuardError as exc:
+                # Its port taken meanwhile: any free port; workers look the address up again.
+                fallback = lease.serve.rpartition(":")[0] + ":0"
+                try:
+                    self._serve(lease.project, fallback)
+                except GuardError:
+                    self._notice(lease.project, f"could not serve it to workers again: {exc}")
+                    self._next_serve_check = now + 5.0
+
     def _hand_over(self, lease: HeldLease) -> None:
         """Another host asked for a takeover: flush, then give the lease up."""
+        self._unserve(lease.project)  # no worker writes into what is being flushed
         if self._flush(lease) is None and self.unflushed(lease.project):
             self._notice(
                 lease.project, "not releasing for the takeover: the flush failed and data is unflushed"
@@ -545,6 +634,7 @@ class Agent:
         """A lost lease's unflushed data must neither be flushed over the new writer nor deleted.
         A cache that cannot be moved (damaged, its disk full) stays where it is, said so: no
         writer of this host can write it under the lost lease anyway."""
+        self.servers.stop(lease.project)  # nothing more from workers into what is moved aside
         try:
             with flushing.flush_lock(self.cache_dir, lease.project):
                 dirty = self.unflushed(lease.project)
@@ -609,6 +699,10 @@ class Agent:
                     _project_id(request), int(request["token"]), int(request.get("unflushed", 0))
                 )
                 return protocol.reply_ok(req_id, **result)
+            if op == AgentOp.SERVE:
+                return protocol.reply_ok(req_id, **self._serve(_project_id(request), _address(request)))
+            if op == AgentOp.UNSERVE:
+                return protocol.reply_ok(req_id, stopped=self._unserve(_project_id(request)))
             if op == AgentOp.LEASES:
                 with self._table_lock:
                     leases = [lease.public() for lease in self.leases.values()]
@@ -760,6 +854,8 @@ class Agent:
             self._save()
 
     def _flush_and_release(self, project_id: str) -> dict[str, Any]:
+        # Workers stop first: what they wrote so far is in the cache, and is flushed below.
+        self._unserve(project_id, tell=False)
         with self._table_lock:
             lease = self.leases.get(project_id)
         if lease is not None and lease.state == "held" and self.unflushed(project_id):
@@ -809,6 +905,13 @@ def _project_id(request: dict[str, Any]) -> str:
     if not is_plain_name(project):
         raise ValueError(f"project id {project!r} is not a plain name ({PLAIN_NAME_RULE})")
     return str(project)
+
+
+def _address(request: dict[str, Any]) -> str:
+    address = request["address"]
+    if not isinstance(address, str) or not address.startswith("tcp://"):
+        raise ValueError(f"address {address!r} is not tcp://HOST:PORT")
+    return address
 
 
 def _describe_loss(result: dict[str, Any]) -> str:

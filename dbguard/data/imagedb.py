@@ -18,10 +18,10 @@ import fcntl
 import json
 import operator
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,6 +46,9 @@ from dbguard.lease.protocol import AgentOp
 from dbguard.names import DATABASE_NAME_RULE, child, is_database_name
 from dbguard.settings import Settings, load
 
+if TYPE_CHECKING:
+    from dbguard.data.remote import RemoteDB
+
 MODES = ("r", "a", "w")
 
 _T = TypeVar("_T")
@@ -57,14 +60,42 @@ def writers_lock_path(cache_root: Path, project_id: str) -> Path:
 
 
 def open(  # the documented API name, `dbguard.open`, shadows the builtin here only
-    project: str | Path | None, name: str, mode: str = "r", *, settings: Settings | None = None
-) -> ImageDB:
-    """Open image database ``name`` of ``project`` (see the module docstring for modes)."""
+    project: str | Path | None,
+    name: str,
+    mode: str = "r",
+    *,
+    remote: bool | None = None,
+    settings: Settings | None = None,
+) -> ImageDB | RemoteDB:
+    """Open image database ``name`` of ``project`` (see the module docstring for modes).
+
+    ``remote=True`` (default: the ``remote`` setting, ``DBGUARD_REMOTE=1``) opens it through the
+    host that holds the project and serves it (`dbguard serve`), unless this host holds it:
+    a cluster job's workers read and write through the one node that has the lease."""
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(repr(m) for m in MODES)}")
     if not is_database_name(name):
         raise UsageError(f"database name {name!r} must be {DATABASE_NAME_RULE}")
-    return ImageDB(projects.open_project(project), name, mode, settings or load())
+    settings = settings or load()
+    target = projects.open_project(project)
+    if remote if remote is not None else settings.remote:
+        cache_root = local_agent.cache_dir(settings)
+        try:
+            WriterGuard(cache_root, target).check()
+        except (LeaseHeld, LeaseLost):
+            from dbguard.data.remote import RemoteDB  # only workers pay for the link's imports
+
+            return RemoteDB(target, name, mode, settings)
+    return ImageDB(target, name, mode, settings)
+
+
+def database_names(db: ImageDB) -> list[str]:
+    """Every database of ``db``'s project that it can see: flushed ones, and this host's
+    unflushed ones when it writes the project."""
+    names = set(db._view.databases())
+    if db._cache is not None:
+        names.update(db._cache.databases())
+    return sorted(names)
 
 
 class ImageDB:
@@ -124,7 +155,7 @@ class ImageDB:
         return count
 
     def _position(self, index: int) -> int:
-        index = _index(index)
+        index = record_index(index)
         size = len(self)
         position = index + size if index < 0 else index
         if not 0 <= position < size:
@@ -156,6 +187,25 @@ class ImageDB:
     def __iter__(self) -> Iterator[NDArray[Any]]:
         for position in range(len(self)):
             yield self[position]
+
+    @cache_errors_translated
+    def describe(self, index: int) -> dict[str, Any]:
+        """Record ``index``'s dtype name, shape and attrs, without reading its payload from the
+        share (`dbguard ls`)."""
+        position = self._position(index)
+        if self._cache is not None:
+            with contextlib.suppress(KeyError):
+                array = self._cache.get(self.name, position)
+                attrs = _decode_attrs(self._cache.attrs(self.name, position))
+                return {"dtype": array.dtype.name, "shape": list(array.shape), "attrs": attrs}
+        entry = self._view.entry(self.name, position)
+        if entry is None:
+            raise IndexError(f"record {position} of {self.name!r} was never written")
+        return {
+            "dtype": np.dtype(entry.dtype).name,
+            "shape": list(entry.shape),
+            "attrs": self._view.attrs(entry),
+        }
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[_Snapshot]:
@@ -223,13 +273,25 @@ class ImageDB:
                 AgentOp.MARK_DIRTY, project=self.project.id, token=int(lease["token"]), unflushed=size
             )
 
-    def append(self, array: NDArray[Any], attrs: dict[str, Any] | None = None) -> int:
-        """Add a record after the last one; returns its index."""
-        array, encoded = _checked(array), _encode_attrs(attrs)
-        return self._write(lambda cache: cache.append(self.name, array, encoded), array.nbytes)
+    def append(
+        self, array: NDArray[Any], attrs: dict[str, Any] | None = None, *, once: str | None = None
+    ) -> int:
+        """Add a record after the last one; returns its index. ``once`` (a request id, at most
+        128 characters) makes the append idempotent: repeated with the same id, it returns the
+        first one's index and adds nothing (how a worker's resent append lands once)."""
+        array, encoded = checked_record(array), _encode_attrs(attrs)
+        key = once.encode() if once is not None else None
+        return self._write(lambda cache: cache.append(self.name, array, encoded, once=key), array.nbytes)
+
+    def extend(
+        self, arrays: Iterable[NDArray[Any]], attrs: Iterable[dict[str, Any] | None] | None = None
+    ) -> list[int]:
+        """Append every array (with the attrs at the same place, if given); their indices."""
+        attrs_of = iter(attrs) if attrs is not None else None
+        return [self.append(a, next(attrs_of, None) if attrs_of else None) for a in arrays]
 
     def __setitem__(self, index: int, array: NDArray[Any]) -> None:
-        index = _index(index)
+        index = record_index(index)
         position = index + len(self) if index < 0 else index
         if position < 0:
             raise IndexError(f"record {index} is out of range for {self.name!r}")
@@ -237,7 +299,7 @@ class ImageDB:
         keep = b""
         with contextlib.suppress(KeyError, IndexError):
             keep = _encode_attrs(self.attrs(position))
-        array = _checked(array)
+        array = checked_record(array)
         self._write(lambda cache: cache.put(self.name, position, array, keep), array.nbytes)
 
     def set_attrs(self, index: int, attrs: dict[str, Any]) -> None:
@@ -293,7 +355,7 @@ class _Snapshot:
         return self._db[position]
 
 
-def _index(index: Any) -> int:
+def record_index(index: Any) -> int:
     """A record index as an int (numpy integers too); a slice or a name is a usage error."""
     if isinstance(index, bool):
         raise UsageError(f"a record index is an integer, not {index!r}")
@@ -303,7 +365,7 @@ def _index(index: Any) -> int:
         raise UsageError(f"a record index is an integer, not {type(index).__name__} {index!r}") from None
 
 
-def _checked(array: NDArray[Any]) -> NDArray[Any]:
+def checked_record(array: NDArray[Any]) -> NDArray[Any]:
     if not isinstance(array, np.ndarray):
         raise UsageError(f"records must be numpy arrays, not {type(array).__name__}")
     if array.dtype.hasobject:

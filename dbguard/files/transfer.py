@@ -49,7 +49,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import h5py  # type: ignore[import-untyped, unused-ignore]  # h5py ships no type hints
 import mrcfile  # type: ignore[import-untyped, unused-ignore]  # neither does mrcfile
@@ -61,6 +61,9 @@ from dbguard.data.imagedb import ImageDB
 from dbguard.data.imagedb import open as open_imagedb
 from dbguard.errors import UsageError
 from dbguard.settings import Settings
+
+if TYPE_CHECKING:
+    from dbguard.data.remote import RemoteDB
 
 VOXEL_SIZE = "voxel_size"  # the attr: [x, y, z] in ångström
 
@@ -112,21 +115,24 @@ def import_files(
     dataset: str | None = None,
     settings: Settings | None = None,
     progress: Progress | None = None,
+    remote: bool | None = None,
 ) -> dict[str, Any]:
     """Append every image of ``files`` to database ``name``; ``progress(done, total)`` counts
-    images. Needs this host's writer lease (the database is opened ``"a"``)."""
+    images. Needs this host's writer lease (the database is opened ``"a"``), or ``remote``: then
+    the images go through the host that serves the project."""
     if not files:
         raise UsageError("name at least one file to import")
-    with open_imagedb(project, name, "a", settings=settings) as db:
+    with open_imagedb(project, name, "a", settings=settings, remote=remote) as db:
         sources = [_source(Path(path), dataset) for path in files]  # all checked before any append
         total = sum(source.count for source in sources)
         done = 0
         size = 0
         report = []
         for source in sources:
-            first = len(db)
+            first: int | None = None
             for array, attrs in source.records():
-                db.append(array, attrs or None)
+                index = db.append(array, attrs or None)
+                first = index if first is None else first
                 done += 1
                 size += array.nbytes
                 if progress is not None:
@@ -152,12 +158,14 @@ def export_database(
     dataset: str | None = None,
     settings: Settings | None = None,
     progress: Progress | None = None,
+    remote: bool | None = None,
 ) -> dict[str, Any]:
     """Write database ``name`` to ``target`` in the format its suffix names (``dataset=``: the
-    HDF5 dataset, default ``images``). Browses only: no lease needed."""
+    HDF5 dataset, default ``images``). Browses only: no lease needed. ``remote`` reads through
+    the host that serves the project (its unflushed records too)."""
     target = Path(target)
     kind = _format_of(target)
-    with open_imagedb(project, name, "r", settings=settings) as db:
+    with open_imagedb(project, name, "r", settings=settings, remote=remote) as db:
         count = len(db)
         if count == 0:
             raise UsageError(f"database {name!r} of {db.project.path} has no records to export")
@@ -176,7 +184,7 @@ def export_database(
         return {
             "project": db.project.id,
             "database": name,
-            "generation": db.generation,
+            "generation": getattr(db, "generation", None),  # a served database has none
             "target": str(target),
             "format": kind,
             "records": count,
@@ -460,7 +468,7 @@ _SOURCES: dict[str, Callable[[Path, str | None], _Source]] = {
 class _Stack:
     """The database being exported: one shape and dtype for every record, checked as read."""
 
-    db: ImageDB
+    db: ImageDB | RemoteDB
     count: int
     shape: tuple[int, ...]
     dtype: np.dtype[Any]

@@ -23,7 +23,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from dbguard.errors import GuardError, IntegrityError
 from dbguard.lease import protocol, requests
-from dbguard.lease.keys import BrokerKeys, is_loopback
+from dbguard.lease.keys import AcceptKnownKeys, BrokerKeys, is_loopback
 from dbguard.lease.protocol import ErrorKind, ProtocolError
 from dbguard.lease.rules import Decision, Holder, LeaseState, LeaseTable, Timing
 from dbguard.lease.store import LeaseStore, LmdbLeaseStore
@@ -122,7 +122,9 @@ class Broker:
     def _start_authenticator(self, keys: BrokerKeys) -> None:
         self._authenticator = ThreadAuthenticator(self._context)
         self._authenticator.start()
-        self._authenticator.configure_curve_callback(domain="*", credentials_provider=_Authorized(keys))
+        self._authenticator.configure_curve_callback(
+            domain="*", credentials_provider=AcceptKnownKeys(keys, "client")
+        )
 
     def _check_authenticator(self) -> None:
         """Restart the ZAP thread if it died: without it every handshake waits forever, so
@@ -284,6 +286,19 @@ class Broker:
                         **decision.fields,
                     )
                 return protocol.reply_ok(req_id, **decision.fields)
+            case requests.Serve():
+                holder = self._authenticated(request.holder, principal)
+                decision = table.serve(
+                    request.project, holder, request.token, request.address, request.key, now, wall
+                )
+                if decision.kind == "lost":
+                    return protocol.reply_error(
+                        req_id,
+                        ErrorKind.LOST,
+                        "this host no longer holds the writer lease",
+                        **decision.fields,
+                    )
+                return protocol.reply_ok(req_id, **decision.fields)
         raise AssertionError(f"no dispatch for {request!r}")  # requests.decode knows every op
 
     @staticmethod
@@ -307,27 +322,6 @@ class Broker:
         if decision.fields["broken"]:
             log.warning("lease of %s broken by operator: %s", request.project, decision.fields["broken"])
         return protocol.reply_ok(req_id, **decision.fields)
-
-
-class _Authorized:
-    """ZAP credentials callback: accept the keys in authorized/ and operators/, read afresh for
-    each handshake so that authorising a host needs no restart."""
-
-    def __init__(self, keys: BrokerKeys) -> None:
-        self.keys = keys
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        # This runs in the ZAP thread: an exception would end that thread, and with it every
-        # handshake. Damaged key files are skipped by BrokerKeys; anything else refuses this
-        # one client and is logged.
-        try:
-            allowed = key in self.keys.authorized()
-        except Exception:
-            log.exception("could not check a client's key; refused it")
-            return False
-        if not allowed:
-            log.warning("refused a client with an unknown key %s", key.decode(errors="replace"))
-        return allowed
 
 
 def _reply_for(req_id: str, decision: Decision) -> dict[str, Any]:

@@ -455,6 +455,8 @@ class EtcdLeases:
                 return protocol.reply_ok(req_id)
             case requests.Mark():
                 return self._mark(req_id, request)
+            case requests.Serve():
+                return self._serve(req_id, request)
         raise AssertionError(f"no dispatch for {request!r}")  # requests.decode knows every op
 
     # --------------------------------------------------------------- timing
@@ -830,7 +832,7 @@ class EtcdLeases:
                 "token": view.token,
                 "unflushed": int(record.get("unflushed", 0)),
                 "dirty": view.holds_data,
-                **work_fields(record.get("work")),
+                **work_fields(record.get("work"), record.get("serving")),
             }
         if view.state is LeaseState.LOCK_DELAY:
             fields["retry_after"] = self._delay_left(view)
@@ -901,6 +903,40 @@ class EtcdLeases:
             )
             if reply.get("succeeded"):
                 return protocol.reply_ok(req_id, dirty=_holds_data(fresh), ttl=float(self._lease_ttl()))
+        return protocol.reply_error(
+            req_id, ErrorKind.UNAVAILABLE, "etcd kept changing under this request; retry"
+        )
+
+    def _serve(self, req_id: str, request: requests.Serve) -> dict[str, Any]:
+        """The holder says where it serves the project to workers; see `rules.LeaseTable.serve`."""
+        holder, token = request.holder, request.token
+        serving = {"address": request.address, "key": request.key} if request.address else None
+        self._renew_session(holder)
+        for _ in range(_RACE_RETRIES):
+            view = self._observe(self._read(request.project))
+            if not view.held_by(holder, token):
+                return protocol.reply_error(
+                    req_id,
+                    ErrorKind.LOST,
+                    "this host no longer holds the writer lease",
+                    **self._loss_for(view, holder, token),
+                )
+            assert view.writer is not None
+            if not self._resume(view, holder, int(view.writer.value.get("unflushed", 0))):
+                continue
+            view = self._read(request.project)
+            if view.writer is None or view.token != token:
+                continue
+            fields = {"serve": request.address, "serve_key": request.key if request.address else None}
+            if view.writer.value.get("serving") == serving:
+                return protocol.reply_ok(req_id, **fields)
+            keys = self._keys(view)
+            fresh = {**view.writer.value, "serving": serving}
+            reply = self.transport.txn(
+                [_unchanged(keys["writer"], view.writer.mod_revision)], [_put(keys["writer"], fresh)]
+            )
+            if reply.get("succeeded"):
+                return protocol.reply_ok(req_id, **fields)
         return protocol.reply_error(
             req_id, ErrorKind.UNAVAILABLE, "etcd kept changing under this request; retry"
         )
@@ -1002,7 +1038,7 @@ class EtcdLeases:
                 "unflushed": int(record.get("unflushed", 0)),
                 "dirty": view.holds_data,
                 "takeover_by": record.get("takeover_by"),
-                **work_fields(record.get("work")),
+                **work_fields(record.get("work"), record.get("serving")),
             }
         return protocol.project_status(
             view.project,

@@ -120,6 +120,29 @@ class BrokerKeys:
             log.warning("key file %s: %s", path, why)
 
 
+class AcceptKnownKeys:
+    """ZAP credentials callback (pyzmq's ThreadAuthenticator): accept the keys in authorized/
+    and operators/, read afresh for each handshake so that authorising a host needs no restart.
+    ``who`` names the peers in the log (clients of the broker, workers of a served project)."""
+
+    def __init__(self, keys: BrokerKeys, who: str) -> None:
+        self.keys = keys
+        self.who = who
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        # This runs in the ZAP thread: an exception would end that thread, and with it every
+        # handshake. Damaged key files are skipped by BrokerKeys; anything else refuses this
+        # one peer and is logged.
+        try:
+            allowed = key in self.keys.authorized()
+        except Exception:
+            log.exception("could not check a %s's key; refused it", self.who)
+            return False
+        if not allowed:
+            log.warning("refused a %s with an unknown key %s", self.who, key.decode(errors="replace"))
+        return allowed
+
+
 def read_certificate(path: Path) -> tuple[bytes, bytes | None]:
     """The (public, secret or None) Z85 keys of a ZeroMQ certificate file, checked: a regular
     file of sensible size whose keys are well-formed CURVE keys; otherwise `KeyFileError`."""

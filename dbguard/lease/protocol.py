@@ -48,6 +48,9 @@ class Op(StrEnum):
     # The holder tells the lease service that it now holds acknowledged unflushed data (dirty)
     # or that a flush emptied its cache (clean): whether an expired lease orphans or frees.
     MARK = "mark"
+    # The holder says where it serves the project to worker nodes (or that it stopped): kept
+    # with its writer lease, shown by status, read by workers (`dbguard serve`).
+    SERVE = "serve"
 
 
 class AgentOp(StrEnum):
@@ -67,6 +70,9 @@ class AgentOp(StrEnum):
     # How many bytes a lease marked dirty at open now holds. The dirty mark is already durable,
     # so the lease service needs no disk sync for it: a cheap round trip.
     NOTE_UNFLUSHED = "note-unflushed"
+    # Serve a held project to worker nodes on an address (`dbguard serve`), or stop serving it.
+    SERVE = "serve"
+    UNSERVE = "unserve"
 
 
 class ErrorKind(StrEnum):
@@ -91,6 +97,8 @@ class ErrorKind(StrEnum):
     ETCD_CLUSTER = "etcd-cluster"
     AGENT_RUNNING = "agent-running"
     STOPPED = "stopped"
+    NOT_SERVED = "not-served"
+    HOLDER_UNREACHABLE = "holder-unreachable"
     INTERNAL = "internal"
 
 
@@ -123,6 +131,14 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
     Op.LEAVE_QUEUE: {"project": _PROJECT, "holder": _HOLDER},
     Op.STATUS: {"project": (str, False)},
     Op.BREAK: {"project": _PROJECT, "force": (bool, True), "operator": (str, False)},
+    Op.SERVE: {
+        "project": _PROJECT,
+        "holder": _HOLDER,
+        "token": (int, True),
+        # Where workers reach the holder's server, and its CURVE public key; no address: not served.
+        "address": (str, False),
+        "key": (str, False),
+    },
     Op.MARK: {
         "project": _PROJECT,
         "holder": _HOLDER,
@@ -295,8 +311,9 @@ def project_status(
     grace_left: float,
 ) -> dict[str, Any]:
     """One project's entry in a status reply, the same from either lease service. ``writer``
-    holds host, user, since, token, ttl_left, unflushed, dirty, takeover_by, and what the writer
-    runs: command, pid and job (None when it did not say)."""
+    holds host, user, since, token, ttl_left, unflushed, dirty, takeover_by, what the writer
+    runs: command, pid and job (None when it did not say), and where it serves the project to
+    workers: serve and serve_key (None when it does not)."""
     return {
         "project": project,
         "known": True,

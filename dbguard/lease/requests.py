@@ -108,6 +108,19 @@ class Mark:
     unflushed: int | None = None
 
 
+@dataclass(frozen=True)
+class Serve:
+    """The holder serves the project to worker nodes at ``address`` (its server's CURVE public
+    key ``key`` when keys are used), or no longer serves it (``address`` None)."""
+
+    op: ClassVar[Op] = Op.SERVE
+    project: str
+    holder: Holder
+    token: int
+    address: str | None = None
+    key: str | None = None
+
+
 def work_of(request: Acquire) -> dict[str, Any] | None:
     """What the writer runs, as the lease service keeps it; None when the acquire did not say."""
     if request.command is None and request.pid is None and request.job is None:
@@ -115,10 +128,10 @@ def work_of(request: Acquire) -> dict[str, Any] | None:
     return {"command": request.command, "pid": request.pid, "job": request.job}
 
 
-Request = Hello | Acquire | Renew | Release | LeaveQueue | Status | Break | Mark
+Request = Hello | Acquire | Renew | Release | LeaveQueue | Status | Break | Mark | Serve
 
 REQUEST_TYPES: dict[Op, type[Request]] = {
-    cls.op: cls for cls in (Hello, Acquire, Renew, Release, LeaveQueue, Status, Break, Mark)
+    cls.op: cls for cls in (Hello, Acquire, Renew, Release, LeaveQueue, Status, Break, Mark, Serve)
 }
 
 

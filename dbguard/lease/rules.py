@@ -114,6 +114,8 @@ class WriterLease:
     takeover_by: str | None = None  # holder key of whoever asked for a takeover
     # What the writer runs, as its acquire said: {"command", "pid", "job"}, for people.
     work: dict[str, Any] | None = None
+    # Where the holder serves the project to worker nodes: {"address", "key"}; None if it does not.
+    serving: dict[str, Any] | None = None
 
     @property
     def holds_data(self) -> bool:
@@ -121,10 +123,17 @@ class WriterLease:
         return self.dirty or self.unflushed > 0
 
 
-def work_fields(work: dict[str, Any] | None) -> dict[str, Any]:
-    """A writer's work as status shows it: command, pid and job, None where not given."""
-    work = work or {}
-    return {"command": work.get("command"), "pid": work.get("pid"), "job": work.get("job")}
+def work_fields(work: dict[str, Any] | None, serving: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A writer's work as status shows it: command, pid and job, None where not given; and
+    where it serves the project to workers (serve, serve_key), None when it does not."""
+    work, serving = work or {}, serving or {}
+    return {
+        "command": work.get("command"),
+        "pid": work.get("pid"),
+        "job": work.get("job"),
+        "serve": serving.get("address"),
+        "serve_key": serving.get("key"),
+    }
 
 
 @dataclass(slots=True)
@@ -170,6 +179,7 @@ class ProjectLeases:
                 "unflushed": self.writer.unflushed,
                 "dirty": self.writer.dirty,
                 "work": self.writer.work,
+                "serving": self.writer.serving,
             }
         loss = None
         if self.loss is not None:
@@ -237,6 +247,7 @@ class LeaseTable:
                     unflushed=int(w.get("unflushed", 0)),
                     dirty=bool(w.get("dirty", False)),
                     work=w.get("work"),
+                    serving=w.get("serving"),
                 )
             if entry.state is LeaseState.LOCK_DELAY:
                 # The lease expired before the restart, at a time the record does not keep; the
@@ -411,7 +422,7 @@ class LeaseTable:
                 "unflushed": w.unflushed,
                 "dirty": w.holds_data,
                 "takeover_by": w.takeover_by,
-                **work_fields(w.work),
+                **work_fields(w.work, w.serving),
             }
         return protocol.project_status(
             project,
@@ -574,6 +585,36 @@ class LeaseTable:
             self._mark(entry, sync=writer.holds_data)
         return Decision("ok", {"dirty": writer.holds_data, "ttl": self.timing.ttl})
 
+    def serve(
+        self,
+        project: str,
+        holder: Holder,
+        token: int,
+        address: str | None,
+        key: str | None,
+        now: float,
+        wall: float,
+    ) -> Decision:
+        """The holder says where it serves the project to workers (None: it stopped). Kept with
+        the writer lease, so it ends with it; synced with the next commit, not at once: a lost
+        address costs workers a retry, never data."""
+        entry = self._touch(project, now, wall, create=False)
+        writer = entry.writer if entry is not None else None
+        if (
+            entry is None
+            or writer is None
+            or writer.holder.key != holder.key
+            or writer.token != token
+            or entry.state is LeaseState.FREE
+        ):
+            return Decision("lost", self._loss_for(entry, holder, token))
+        self._resume(entry, writer, holder, now, writer.unflushed)
+        serving = {"address": address, "key": key} if address else None
+        if writer.serving != serving:
+            writer.serving = serving
+            self._mark(entry)
+        return Decision("ok", {"serve": address, "serve_key": key if address else None})
+
     def _lease_fields(self, entry: ProjectLeases, writer: WriterLease, now: float) -> dict[str, Any]:
         return {
             "mode": "write",
@@ -621,7 +662,7 @@ class LeaseTable:
                 "token": writer.token,
                 "unflushed": writer.unflushed,
                 "dirty": writer.holds_data,
-                **work_fields(writer.work),
+                **work_fields(writer.work, writer.serving),
             }
         if entry.state is LeaseState.LOCK_DELAY:
             fields["retry_after"] = max(0.0, entry.free_at - now)
