@@ -681,9 +681,14 @@ def serve(
         try:
             reply = agent.call_ok(AgentOp.SERVE, project=target.id, address=address)
         except LeaseLost as exc:
-            raise exc.with_remedy(
-                f"acquire({str(target.path)!r}) first", f"run `dbguard acquire {target.path}` first"
-            ) from None
+            python = f"call acquire({str(target.path)!r}) first"
+            not_held = LeaseLost(
+                f"this host does not hold the writer lease of {target.path}, so it cannot serve it: "
+                f"{python} ({exc.reason or 'not held'})",
+                project=str(target.path),
+                reason=exc.reason,
+            )
+            raise not_held.with_remedy(python, f"run `dbguard acquire {target.path} --serve`") from None
     return {"project": target.id, "path": str(target.path), **reply}
 
 

@@ -73,6 +73,13 @@ MARK = rule(
     dirty=st.booleans(),
     unflushed=st.sampled_from([0, 5]),
 )
+# The holder says where it serves the project to workers, or that it stopped (address None).
+SERVE = rule(
+    holder=_holder,
+    project=_project,
+    choice=st.sampled_from(["mine", "newest", "older"]),
+    address=st.sampled_from(["tcp://node:7391", "tcp://node:7392", None]),
+)
 BREAK = rule(project=_project)
 STATUS = rule(project=st.sampled_from([*PROJECTS, "never-seen"]))
 

@@ -275,6 +275,18 @@ class RulesAgree(RuleBasedStateMachine):
         )
         self.agree("mark", replies, project)
 
+    @steps.SERVE
+    def serve(self, holder: Holder, project: str, choice: str, address: str | None) -> None:
+        replies = self.ask(
+            "serve",
+            project=project,
+            holder=holder.to_json(),
+            token=lambda service: self.pick_token(service, project, holder, choice),
+            address=address,
+            key="k" * 40 if address else None,
+        )
+        self.agree("serve", replies, project)
+
     @steps.BREAK
     def break_lease(self, project: str) -> None:
         replies = self.ask("break", project=project, force=True)

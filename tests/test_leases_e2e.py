@@ -227,3 +227,29 @@ def test_unsafe_cache_directory_is_refused_with_exit_code_5(hosts: dict[str, Hos
     refused = a.run("acquire", str(project))
     assert refused.returncode == 5
     assert "symlink" in refused.stderr and "DBGUARD_CACHE" in refused.stderr
+
+
+def test_where_the_holder_serves_workers_is_kept_with_its_lease_and_ends_with_it(
+    hosts: dict[str, Host], project: Path
+) -> None:
+    a, b = hosts["a"], hosts["b"]
+    acquire(a, project)
+    not_holder = b.run("serve", str(project), "--address", "tcp://127.0.0.1:0")
+    assert not_holder.returncode == 3 and "dbguard acquire" in not_holder.stderr
+    served = a.run("serve", str(project), "--address", "tcp://127.0.0.1:0", "--json")
+    assert served.returncode == 0, served.stderr
+    address = json.loads(served.stdout)["address"]
+    assert project_state(b, project)["writer"]["serve"] == address
+    # A worker on b goes through a: its appends are a's unflushed records.
+    worker = b.python(
+        f"import numpy as np, dbguard\n"
+        f"with dbguard.open({str(project)!r}, 'images', 'a', remote=True) as db:\n"
+        f"    print(db.extend([np.full((8, 8), i, np.float32) for i in range(3)]))"
+    )
+    assert worker.returncode == 0 and worker.stdout.strip() == "[0, 1, 2]", worker.stderr
+    assert project_state(b, project)["writer"]["unflushed"] > 0 or status(a, project)
+    assert a.run("serve", str(project), "--stop").returncode == 0
+    assert project_state(b, project)["writer"]["serve"] is None
+    assert a.run("serve", str(project), "--address", "tcp://127.0.0.1:0").returncode == 0
+    assert a.run("release", str(project)).returncode == 0
+    assert project_state(b, project)["writer"] is None

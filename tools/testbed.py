@@ -289,6 +289,15 @@ class _AgentOnHost:
             raise RuntimeError(f"host {self.name} has no agent running")
         os.kill(pid, signum)
 
+    def kill_agent(self) -> None:
+        """SIGKILL the agent and wait until it is gone."""
+        pid = self.agent_pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+
     def agent_log(self) -> str:
         try:
             return (self.cache / "agent.log").read_text(errors="replace")
@@ -339,15 +348,6 @@ class Host(_AgentOnHost):
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return self._popen(self.command(args))
-
-    def kill_agent(self) -> None:
-        """SIGKILL the agent and wait until it is gone."""
-        pid = self.agent_pid()
-        if pid is None:
-            return
-        os.kill(pid, signal.SIGCONT)
-        os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid)
 
     def stop(self) -> None:
         self.kill_agent()

@@ -275,6 +275,9 @@ class Agent:
             return
         try:
             self._acquire(lease.as_project(), wait=False, takeover=False, reclaiming=lease.token)
+            resumed = self.leases[lease.project]
+            if resumed.token == lease.token:
+                resumed.serve = lease.serve  # served before: `_keep_serving` serves it again
             self._notice(
                 lease.project,
                 f"reclaimed the lease (token {self.leases[lease.project].token}) after an agent restart",
@@ -764,6 +767,8 @@ class Agent:
         lease.last_renewed = lease.last_flush = time.monotonic()
         with self._table_lock:
             previous = self.leases.get(project.id)
+            if previous is not None and previous.token == lease.token:
+                lease.serve = previous.serve  # the same lease again (a resume): still served
             self.leases[project.id] = lease
         if previous is None or previous.token != lease.token or previous.state != "held":
             try:

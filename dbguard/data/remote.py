@@ -68,6 +68,11 @@ class HolderLink:
         self.settings = settings
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        # Exchanges may nest (a read inside a loop over a pipelined iteration): a reply that
+        # belongs to another exchange waits here for it, rather than being taken for a stray.
+        self._outstanding: set[str] = set()
+        self._arrived: dict[str, tuple[dict[str, Any], Any]] = {}
         self.token: int | None = None
         self.host = ""
         self.address = ""
@@ -123,9 +128,9 @@ class HolderLink:
         self.close()
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        server_key = writer.get("serve_key")
         if self.settings.keys is not None:
             mine = key_files.client_keys(self.settings.keys)
-            server_key = writer.get("serve_key")
             if not server_key:
                 socket.close()
                 raise UsageError(
@@ -135,6 +140,16 @@ class HolderLink:
             socket.curve_publickey = mine.public
             socket.curve_secretkey = mine.secret
             socket.curve_serverkey = str(server_key).encode()
+            # A refused handshake is silent on the socket: watch for it, so that a worker whose
+            # key the holder does not know hears so at once rather than waiting out serve_retry.
+            self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        elif server_key:
+            socket.close()
+            raise UsageError(
+                f"{writer.get('host')} serves {self.project.path} with CURVE keys, and this host has "
+                "none: set DBGUARD_KEYS to this machine's keys directory (`dbguard keys init-client`), "
+                "and have its public key authorised on that host"
+            )
         socket.connect(str(writer["serve"]))
         self._socket = socket
         self.token = int(writer["token"])
@@ -143,8 +158,22 @@ class HolderLink:
 
     def close(self) -> None:
         if self._socket is not None:
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._socket.close()
             self._socket = None
+
+    def _check_refused(self) -> None:
+        if self._monitor is None or not self._monitor.poll(0):
+            return
+        raise HolderUnreachable(
+            f"{self.host} refused this machine's key ({self.settings.keys}/client.key) for "
+            f"{self.project.path}: add its public key to the keys directory of {self.host} with "
+            "`dbguard keys authorize` (the holder reads its authorized/ directory at each connection)",
+            address=self.address,
+        )
 
     # ----------------------------------------------------------- exchanges
 
@@ -167,34 +196,43 @@ class HolderLink:
         ready: dict[str, tuple[dict[str, Any], Any]] = {}
         exhausted = False
         deadline: float | None = None  # of retrying an unreachable holder
-        while True:
-            while not exhausted and len(pending) < window:
-                item = next(outgoing, None)
-                if item is None:
-                    exhausted = True
-                    break
-                req_id = wire.decode_header(item[0])["id"]
-                pending[req_id] = item
-                order.append(req_id)
-                self._send(item)
-            while order and order[0] in ready:
-                reply, payload = ready.pop(order.popleft())
-                yield _raise_if_failed(reply, self.address), payload
-            if not order:
-                return
-            if not pending:
-                continue
-            answer, answer_payload = self._receive(pending)
-            if answer is not None:
-                deadline = None
-                del pending[answer["id"]]
-                ready[answer["id"]] = answer, answer_payload
-                continue
-            # Nothing within the timeout: is the holder still the one we opened under?
-            deadline = deadline or time.monotonic() + self.settings.serve_retry
-            self._recover(deadline)
-            for item in pending.values():
-                self._send(item)
+        try:
+            while True:
+                while not exhausted and len(pending) < window:
+                    item = next(outgoing, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    req_id = wire.decode_header(item[0])["id"]
+                    pending[req_id] = item
+                    order.append(req_id)
+                    self._outstanding.add(req_id)
+                    self._send(item)
+                while order and order[0] in ready:
+                    reply, payload = ready.pop(order.popleft())
+                    yield _raise_if_failed(reply, self.address), payload
+                if not order:
+                    return
+                if not pending:
+                    continue
+                answer, answer_payload = self._receive(pending)
+                if answer is not None:
+                    deadline = None
+                    del pending[answer["id"]]
+                    self._outstanding.discard(answer["id"])
+                    ready[answer["id"]] = answer, answer_payload
+                    continue
+                # Nothing within the timeout: is the holder still the one we opened under?
+                self._check_refused()
+                deadline = deadline or time.monotonic() + self.settings.serve_retry
+                self._recover(deadline)
+                for item in pending.values():
+                    self._send(item)
+        finally:
+            # Given up on (an error, or a loop left early): its replies are nobody's now.
+            for req_id in pending:
+                self._outstanding.discard(req_id)
+                self._arrived.pop(req_id, None)
 
     def _send(self, item: _Sent) -> None:
         header, payload = item
@@ -206,6 +244,9 @@ class HolderLink:
 
     def _receive(self, pending: dict[str, _Sent]) -> tuple[dict[str, Any] | None, Any]:
         """The next reply to one of ``pending``, or (None, None) after the timeout."""
+        for req_id in pending:
+            if req_id in self._arrived:
+                return self._arrived.pop(req_id)
         assert self._socket is not None
         largest = max((_nbytes(p) for _, p in pending.values()), default=0)
         timeout = self.settings.request_timeout + len(pending) * largest / _SLOWEST_LINK
@@ -218,9 +259,12 @@ class HolderLink:
                 reply = wire.decode_header(frames[0].buffer)
             except ProtocolError:
                 continue
-            if reply["id"] not in pending:
-                continue  # the answer to a request sent again, answered twice
-            return reply, frames[1].buffer if len(frames) > 1 else None
+            payload = frames[1].buffer if len(frames) > 1 else None
+            if reply["id"] in pending:
+                return reply, payload
+            if reply["id"] in self._outstanding:
+                self._arrived[reply["id"]] = reply, payload  # another exchange's
+            # else: the answer to a request sent again, answered twice
         return None, None
 
     def _recover(self, deadline: float) -> None:
