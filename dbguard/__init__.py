@@ -3,8 +3,9 @@
 The public names are handed on from the modules that define them.
 """
 
-from dbguard.api import acquire, break_lease, clear, flush, init, open, release, status
+from dbguard.api import acquire, break_lease, clear, flush, init, open, release, serve, status
 from dbguard.data.imagedb import ImageDB
+from dbguard.data.remote import RemoteDB
 from dbguard.errors import (
     BrokerUnavailable,
     CacheDiskFull,
@@ -12,9 +13,11 @@ from dbguard.errors import (
     ExitCode,
     Fenced,
     GuardError,
+    HolderUnreachable,
     IntegrityError,
     LeaseHeld,
     LeaseLost,
+    NotServed,
     ProjectBusy,
     ShareRefused,
     UnflushedData,
@@ -31,15 +34,18 @@ __all__ = [
     "ExitCode",
     "Fenced",
     "GuardError",
+    "HolderUnreachable",
     "ImageDB",
     "IntegrityError",
     "Lease",
     "LeaseHeld",
     "LeaseLost",
+    "NotServed",
     "ProjectBusy",
     "ProjectStatus",
     "QueuePlace",
     "Reader",
+    "RemoteDB",
     "ShareRefused",
     "Status",
     "UnflushedData",
@@ -55,5 +61,6 @@ __all__ = [
     "init",
     "open",
     "release",
+    "serve",
     "status",
 ]

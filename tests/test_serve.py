@@ -66,16 +66,19 @@ def holder_serving(a: SimHost) -> str:
     return str(lease["serve"])
 
 
-def worker_script(project: Path, worker: str, count: int, *, shape: tuple[int, ...] = (64, 64)) -> str:
+def worker_script(
+    project: Path, worker: str, count: int, *, shape: tuple[int, ...] = (64, 64), opt_in: str = "remote=True"
+) -> str:
     """Appends ``count`` records through the holder, half one by one and half pipelined, each
-    filled with a value that names it and with attrs that say who wrote it; prints the indices."""
+    filled with a value that names it and with attrs that say who wrote it; prints the indices.
+    ``opt_in`` is how it asks to go through the holder ("" when the host's settings say so)."""
     return textwrap.dedent(
         f"""
         import json, numpy as np, dbguard
         worker, count, shape = {worker!r}, {count}, {shape!r}
         def value(i):
             return (hash(worker) % 1000) * 100000 + i
-        with dbguard.open({str(project)!r}, "images", "a", remote=True) as db:
+        with dbguard.open({str(project)!r}, "images", "a", {opt_in}) as db:
             assert type(db).__name__ == "RemoteDB", type(db)
             indices = [db.append(np.full(shape, value(i), np.float64), {{"worker": worker, "i": i}})
                        for i in range(count // 2)]
@@ -128,7 +131,7 @@ def test_workers_on_two_hosts_write_through_the_holder_and_the_share_gets_exactl
 ) -> None:
     a = make_host("node-a", "/mnt/a/proj")
     b = make_host("node-b", "/mnt/b/proj")
-    c = make_host("node-c", "/mnt/c/proj")
+    c = make_host("node-c", "/mnt/c/proj", remote="1")  # DBGUARD_REMOTE=1, as in a job script
     head = make_host("head", "/mnt/h/proj")
     address = holder_serving(a)
 
@@ -140,7 +143,7 @@ def test_workers_on_two_hosts_write_through_the_holder_and_the_share_gets_exactl
     started = time.monotonic()
     workers = {
         "b": b.popen_python(worker_script(b.project, "b", 200)),
-        "c": c.popen_python(worker_script(c.project, "c", 200)),
+        "c": c.popen_python(worker_script(c.project, "c", 200, opt_in="")),
     }
     indices = {}
     for name, process in workers.items():

@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from dbguard.agent import local as local_agent
 from dbguard.agent.lease_check import WriterGuard
-from dbguard.cache import CacheError
+from dbguard.cache import CacheError, CacheStore
 from dbguard.data import wire
 from dbguard.data.imagedb import ImageDB, database_names
 from dbguard.data.project import Project
@@ -51,6 +52,10 @@ from dbguard.settings import Settings, load
 log = logging.getLogger("dbguard.agent.serve")
 
 _PR_SET_PDEATHSIG = 1
+# Appends' request ids are kept this long (a worker resends for at most serve_retry, <= 1 h),
+# and forgotten this often.
+_IDS_KEPT = 86_400.0
+_FORGET_EVERY = 600.0
 
 
 class ProjectServer:
@@ -102,10 +107,14 @@ class ProjectServer:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        next_forget = time.monotonic() + _FORGET_EVERY
         try:
             while not self._stop.is_set():
                 if poller.poll(200):
                     self._serve_ready()
+                if time.monotonic() >= next_forget:
+                    next_forget = time.monotonic() + _FORGET_EVERY
+                    self._forget_old_ids()
         finally:
             self.close()
 
@@ -120,6 +129,21 @@ class ProjectServer:
         if self._authenticator is not None:
             self._authenticator.stop()
             self._authenticator = None
+
+    def _forget_old_ids(self) -> None:
+        try:
+            store = CacheStore(self.cache_dir, self.project.id, create=False)
+        except (CacheError, FileNotFoundError):
+            return  # nothing written yet, or a damaged cache the writes will report
+        try:
+            forgotten = store.forget_once(time.time() - _IDS_KEPT)
+        except CacheError as exc:
+            log.warning("could not forget old request ids: %s", exc)
+        else:
+            if forgotten:
+                log.info("forgot %d request ids older than a day", forgotten)
+        finally:
+            store.close()
 
     # ----------------------------------------------------------- requests
 
