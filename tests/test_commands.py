@@ -179,6 +179,19 @@ def test_bad_environment_values_are_usage_errors(env: dict[str, str]) -> None:
     assert result.returncode == 2 and "tcp://host:port" in result.stderr
 
 
+def test_a_cache_path_too_long_for_the_agents_socket_is_refused_at_once(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    result = subprocess.run(
+        [sys.executable, "-m", "dbguard", "recover"],
+        env={**os.environ, "DBGUARD_CACHE": str(deep), "DBGUARD_BROKER": "tcp://127.0.0.1:9"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 5 and "too long a path for the agent's socket" in result.stderr
+
+
 def test_errors_pickle_with_their_data() -> None:
     import pickle
 
@@ -193,7 +206,7 @@ def test_two_agents_of_one_host_with_different_caches_do_not_share_a_lease(
 ) -> None:
     a = hosts["a"]
     assert a.run("acquire", str(project)).returncode == 0
-    second = Host("host-a", tmp_path / "second-cache", a.broker)  # same hostname, other cache
+    second = Host("host-a", tmp_path / "c2", a.broker)  # same hostname, other cache
     try:
         refused = second.run("acquire", str(project))
         assert refused.returncode == 3, refused.stderr

@@ -26,12 +26,27 @@ from dbguard.settings import Settings
 _START_TIMEOUT = 30.0
 
 
+# A Unix socket's path fits in sun_path: 108 bytes on Linux, the last one a NUL.
+_MAX_SOCKET_PATH = 107
+
+
 def cache_dir(settings: Settings) -> Path:
-    """The checked cache directory: never on a network filesystem, ours alone (invariant 6)."""
+    """The checked cache directory: never on a network filesystem, ours alone (invariant 6), and
+    with a path short enough for the agent's socket inside it."""
     try:
-        return prepare_cache_dir(settings.cache)
+        directory = prepare_cache_dir(settings.cache)
     except UnsafeCacheLocation as exc:
         raise UnsafeCachePath(str(exc), path=exc.path, fstype=exc.fstype) from exc
+    socket_path = os.fsencode(directory / SOCKET_NAME)
+    if len(socket_path) > _MAX_SOCKET_PATH:
+        # Otherwise the agent could not bind, and every command would wait for it in vain.
+        raise UnsafeCachePath(
+            f"the cache directory {directory} has too long a path for the agent's socket in it "
+            f"({len(socket_path)} bytes with {SOCKET_NAME}; a Unix socket allows {_MAX_SOCKET_PATH}): "
+            "set DBGUARD_CACHE to a shorter path, such as /tmp/dbguard-$USER",
+            path=str(directory),
+        )
+    return directory
 
 
 def running(settings: Settings) -> Client | None:
