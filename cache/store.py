@@ -1067,6 +1067,20 @@ class CacheStore:
         parts = _prepare(array, attrs)
         return self._write(lambda txn, s: _append(txn, s, names, parts, self._gated, once))
 
+    def append_many(self, db: str, items: Sequence[tuple[NDArray[Any], bytes, bytes | None]]) -> list[int]:
+        """`append` each ``(array, attrs, once)`` in order, all in one transaction: the records
+        and their once keys are all kept, or none. Their indices."""
+        names = _names(db)
+        for _, _, once in items:
+            if once is not None and not 0 < len(once) <= _MAX_ONCE_KEY:
+                raise ValueError(f"an append's once key must be 1 to {_MAX_ONCE_KEY} bytes")
+        prepared = [(_prepare(array, attrs), once) for array, attrs, once in items]
+
+        def run(txn: Any, s: _Shared) -> list[int]:
+            return [_append(txn, s, names, parts, self._gated, once) for parts, once in prepared]
+
+        return self._write(run)
+
     def forget_once(self, older_than: float) -> int:
         """Drop the once keys of appends made before the wall time ``older_than`` (nobody
         resends a request that old); returns how many were dropped."""

@@ -52,6 +52,8 @@ from dbguard.settings import Settings, load
 log = logging.getLogger("dbguard.agent.serve")
 
 _PR_SET_PDEATHSIG = 1
+# Requests taken off the socket per turn (their appends batched per database).
+_BATCH = 256
 # Appends' request ids are kept this long (a worker resends for at most serve_retry, <= 1 h),
 # and forgotten this often.
 _IDS_KEPT = 86_400.0
@@ -148,22 +150,69 @@ class ProjectServer:
     # ----------------------------------------------------------- requests
 
     def _serve_ready(self) -> None:
-        """Answer every request waiting now (several workers pipeline theirs)."""
-        for _ in range(256):
+        """Answer every request waiting now (several workers pipeline theirs). Appends to one
+        database that arrive together are applied in one cache transaction: a transaction's
+        cost is shared, and each append still lands once, whole, with its id."""
+        received: list[tuple[Any, memoryview, memoryview | None]] = []
+        for _ in range(_BATCH):
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             # ROUTER: the worker's identity, then the header, then the payload if any.
-            if len(frames) < 2 or len(frames) > 3:
+            if 2 <= len(frames) <= 3:
+                received.append((frames[0], frames[1].buffer, frames[2].buffer if len(frames) == 3 else None))
+        batch: list[tuple[Any, str, dict[str, Any], np.ndarray[Any, Any]]] = []
+        for identity, header, payload in received:
+            appended = self._as_append(header, payload)
+            if appended is not None and (not batch or batch[0][2]["db"] == appended[1]["db"]):
+                batch.append((identity, *appended))
                 continue
-            identity, header = frames[0], frames[1]
-            payload = frames[2].buffer if len(frames) == 3 else None
-            reply, out = self._answer(header.buffer, payload)
-            parts: list[Any] = [identity, wire.encode_header(reply)]
-            if out is not None:
-                parts.append(out)
-            self._socket.send_multipart(parts, copy=False)
+            self._apply_appends(batch)
+            batch = []
+            if appended is not None:
+                batch.append((identity, *appended))
+                continue
+            self._send(identity, *self._answer(header, payload))
+        self._apply_appends(batch)
+
+    def _send(self, identity: Any, reply: dict[str, Any], out: np.ndarray[Any, Any] | None = None) -> None:
+        parts: list[Any] = [identity, wire.encode_header(reply)]
+        if out is not None:
+            parts.append(out)
+        self._socket.send_multipart(parts, copy=False)
+
+    def _as_append(
+        self, header: memoryview, payload: memoryview | None
+    ) -> tuple[str, dict[str, Any], np.ndarray[Any, Any]] | None:
+        """A well-formed append for this project under this token, ready to batch; None for
+        anything else (answered one by one, errors included)."""
+        try:
+            message = wire.decode_header(header)
+            if message.get("op") != DataOp.APPEND or message.get("project") != self.project.id:
+                return None
+            _database_name(message)
+            if wire.field(message, "token", int, required=False) not in (None, self.token):
+                return None
+            _attrs(message)
+            return message["id"], message, self._record(message, payload)
+        except (ProtocolError, GuardError):
+            return None
+
+    def _apply_appends(self, batch: list[tuple[Any, str, dict[str, Any], np.ndarray[Any, Any]]]) -> None:
+        if not batch:
+            return
+        name = batch[0][2]["db"]
+        try:
+            self._check_token(batch[0][2], writing=True)
+            records = [(array, _attrs(message), req_id) for _, req_id, message, array in batch]
+            indices = self._writer(name).append_batch(records)
+        except Exception as exc:
+            for identity, req_id, _, _ in batch:
+                self._send(identity, self._error_reply(req_id, exc))
+            return
+        for (identity, req_id, _, _), index in zip(batch, indices, strict=True):
+            self._send(identity, reply_ok(req_id, index=index))
 
     def _answer(
         self, header: memoryview, payload: memoryview | None
@@ -173,17 +222,21 @@ class ProjectServer:
             message = wire.decode_header(header)
             req_id = message["id"]
             return self._dispatch(req_id, message, payload)
-        except ProtocolError as exc:
-            return wire.bad_request(req_id, exc), None
-        except GuardError as exc:  # each class says how it travels (dbguard.errors)
-            return exc.to_reply(req_id), None
-        except CacheError as exc:
-            return from_cache_error(exc).to_reply(req_id), None
-        except IndexError as exc:
-            return GuardError(str(exc)).to_reply(req_id) | {"index_error": True}, None
         except Exception as exc:  # nothing a worker sends may stop the server
-            log.exception("request failed")
-            return GuardError(f"the holder failed on this request: {exc!r}").to_reply(req_id), None
+            return self._error_reply(req_id, exc), None
+
+    @staticmethod
+    def _error_reply(req_id: str, exc: Exception) -> dict[str, Any]:
+        if isinstance(exc, ProtocolError):
+            return wire.bad_request(req_id, exc)
+        if isinstance(exc, GuardError):  # each class says how it travels (dbguard.errors)
+            return exc.to_reply(req_id)
+        if isinstance(exc, CacheError):
+            return from_cache_error(exc).to_reply(req_id)
+        if isinstance(exc, IndexError):
+            return GuardError(str(exc)).to_reply(req_id) | {"index_error": True}
+        log.error("request failed", exc_info=exc)
+        return GuardError(f"the holder failed on this request: {exc!r}").to_reply(req_id)
 
     def _dispatch(
         self, req_id: str, message: dict[str, Any], payload: memoryview | None

@@ -18,7 +18,7 @@ import fcntl
 import json
 import operator
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from dbguard.data.remote import RemoteDB
 
 MODES = ("r", "a", "w")
+# Records per cache transaction in `extend`: large enough that a transaction's cost is spread.
+_BATCH_BYTES = 8 << 20
 
 _T = TypeVar("_T")
 
@@ -286,9 +288,33 @@ class ImageDB:
     def extend(
         self, arrays: Iterable[NDArray[Any]], attrs: Iterable[dict[str, Any] | None] | None = None
     ) -> list[int]:
-        """Append every array (with the attrs at the same place, if given); their indices."""
+        """Append every array (with the attrs at the same place, if given); their indices.
+        Records go to the cache a few MiB per transaction."""
         attrs_of = iter(attrs) if attrs is not None else None
-        return [self.append(a, next(attrs_of, None) if attrs_of else None) for a in arrays]
+        indices: list[int] = []
+        batch: list[tuple[NDArray[Any], dict[str, Any] | None, str | None]] = []
+        size = 0
+        for array in arrays:
+            batch.append((array, next(attrs_of, None) if attrs_of else None, None))
+            size += getattr(array, "nbytes", 0)
+            if size >= _BATCH_BYTES:
+                indices += self.append_batch(batch)
+                batch, size = [], 0
+        if batch:
+            indices += self.append_batch(batch)
+        return indices
+
+    def append_batch(
+        self, records: Sequence[tuple[NDArray[Any], dict[str, Any] | None, str | None]]
+    ) -> list[int]:
+        """Append ``(array, attrs, once)`` records in one cache transaction (all or none; see
+        `append` for ``once``); their indices."""
+        items = [
+            (checked_record(array), _encode_attrs(attrs), once.encode() if once is not None else None)
+            for array, attrs, once in records
+        ]
+        size = sum(array.nbytes for array, _, _ in items)
+        return self._write(lambda cache: cache.append_many(self.name, items), size)
 
     def __setitem__(self, index: int, array: NDArray[Any]) -> None:
         index = record_index(index)
