@@ -7,6 +7,7 @@ and raises a `GuardError` subclass on failure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import time
@@ -29,6 +30,7 @@ from dbguard.data.store import ProjectStore
 from dbguard.data.view import StoreView
 from dbguard.errors import (
     BrokerUnavailable,
+    Fenced,
     GuardError,
     IntegrityError,
     LeaseHeld,
@@ -46,6 +48,9 @@ from dbguard.lease.protocol import AgentOp
 from dbguard.lease.rules import Holder, LeaseState
 from dbguard.lease.service import for_broker
 from dbguard.results import Lease, ProjectStatus, QueuePlace, Status, describe_writer
+from dbguard.stage import deploy as stage_deploy
+from dbguard.stage import records
+from dbguard.stage import sync as stage_sync
 
 if TYPE_CHECKING:
     from dbguard.data.remote import RemoteDB
@@ -248,6 +253,9 @@ def status(project: PathLike = None, *, settings: Settings | None = None) -> Sta
         hello = broker.send_ok(requests.Hello()) if settings.broker.startswith("tcp://") else {}
     path = target.path if target is not None else None
     found = tuple(ProjectStatus.from_wire(item, path) for item in reply["projects"])
+    if target is not None:  # the share says whether, and where, the project is deployed
+        deployment = records.read_deployment(target.path)
+        found = tuple(dataclasses.replace(item, deployment=deployment) for item in found)
     agent_view = None
     agent = local_agent.revive(settings)
     if agent is not None:
@@ -412,10 +420,10 @@ def clear(
     settings = _settings(settings)
     target = projects.open_project(project)
     cache_root = local_agent.cache_dir(settings)
-    # Leaving this host ends serving it: workers are told the lease ended; what they wrote so
-    # far is in the cache and is flushed below. (The server is a writer of this host.)
-    _stop_serving(settings, target)
-    writers = local_writers(settings, target)
+    # The agent's server of the project (`dbguard serve`) is a writer of this host too, but not
+    # one that keeps clear from going: leaving this host ends serving it, workers are told the
+    # lease ended, and what they wrote so far is in the cache and is flushed below.
+    writers = [w for w in local_writers(settings, target) if _SERVER not in (w["cmdline"] or [])]
     if writers and not force:
         names = ", ".join(f"{w['name']} (pid {w['pid']})" for w in writers)
         busy = ProjectBusy(
@@ -423,6 +431,7 @@ def clear(
             "clear(force=True) to flush what they wrote so far and clear anyway"
         )
         raise busy.with_remedy("or call clear(force=True)", "or run `dbguard clear --force`")
+    _stop_serving(settings, target)
     done: dict[str, Any] = {"project": target.id, "path": str(target.path), "writers": writers}
     done["agent_restarted"] = _restart_agent(settings, target)
     done["flushed"] = flush(target.path, settings=settings, progress=progress)
@@ -440,6 +449,9 @@ def clear(
     done["agent_restarted"] = done["agent_restarted"] or restarted
     done["lease"] = _lease_left(settings, target)
     return done
+
+
+_SERVER = "dbguard.agent.serve"  # a server process's module, in its command line
 
 
 def _stop_serving(settings: Settings, target: projects.Project) -> None:
@@ -644,6 +656,118 @@ def open(  # the documented name, `dbguard.open`, shadows the builtin in this mo
     return open_imagedb(project, name, mode, remote=remote, settings=settings)
 
 
+@cache_errors_translated
+def deploy(
+    project: PathLike,
+    to: str | Path,
+    *,
+    wait: float | None = None,
+    takeover: bool = False,
+    settings: Settings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Acquire the writer lease and copy the project's folder to ``to`` on a local disk of this
+    host, to work there; `sync` copies changes back, `undeploy` ends it. Called again after an
+    interruption, it carries on. ``progress(done, total)`` counts bytes."""
+    settings = _settings(settings)
+    directory = Path(to).absolute()
+    stage_deploy.check_local(directory)  # before the lease is taken: nothing to undo
+    lease = acquire(project, wait=wait, takeover=takeover, settings=settings)
+    target = projects.open_project(lease.path)
+    cache_root = local_agent.cache_dir(settings)
+    with flushing.flush_lock(cache_root, target.id):
+        result = stage_deploy.deploy(
+            cache_root,
+            target,
+            directory,
+            lease.token,
+            host=settings.host,
+            user=settings.user,
+            progress=progress,
+        )
+    with local_agent.connect(settings) as agent:
+        agent.call_ok(AgentOp.DEPLOYED, project=target.id, token=lease.token)
+    return {**result, "token": lease.token}
+
+
+def _deployment(settings: Settings, target: projects.Project) -> tuple[Path, records.LocalState]:
+    cache_root = local_agent.cache_dir(settings)
+    state = records.read_local(cache_root, target.id)
+    if state is None:
+        raise UsageError(
+            f"{target.path} is not deployed on this host; deploy_project({str(target.path)!r}, to=DIR) first"
+        ).with_remedy(
+            f"deploy_project({str(target.path)!r}, to=DIR)", f"`dbguard deploy {target.path} --to DIR`"
+        )
+    return cache_root, state
+
+
+def _fenced(cache_root: Path, state: records.LocalState, exc: GuardError) -> LeaseLost:
+    state.state = "fenced"
+    records.write_local(cache_root, state)
+    return LeaseLost(
+        f"this host no longer holds the lease of {state.path}, so nothing more of {state.dir} may reach "
+        f"the share ({exc}). What it had not synced stays there: see `dbguard recover`",
+        project=state.path,
+        reason="fenced",
+    )
+
+
+@cache_errors_translated
+def sync(
+    project: PathLike = None,
+    *,
+    settings: Settings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Copy what changed in this host's deployment of ``project`` back to the share, fenced."""
+    settings = _settings(settings)
+    target = projects.open_project(project)
+    cache_root, state = _deployment(settings, target)
+    guard = WriterGuard(cache_root, target)
+    with flushing.flush_lock(cache_root, target.id):
+        state = records.read_local(cache_root, target.id) or state  # the agent may have synced
+        if state.state == "fenced":
+            raise _fenced(cache_root, state, LeaseLost("the lease was lost earlier"))
+        if state.state != "deployed":
+            raise UsageError(f"the deploy of {target.path} to {state.dir} did not finish: run deploy again")
+        try:
+            result = stage_sync.sync(cache_root, state, guard.check, progress=progress)
+        except (Fenced, LeaseLost, LeaseHeld) as exc:
+            raise _fenced(cache_root, state, exc) from exc
+    return {"project": target.id, "path": str(target.path), "dir": state.dir, **result.to_json()}
+
+
+@cache_errors_translated
+def undeploy(
+    project: PathLike = None,
+    *,
+    force: bool = False,
+    settings: Settings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The last sync, a check of every synced file on the share against the checksums taken
+    from the deployment, the deployment removed, the lease released. Refuses while processes of
+    this host use the deployment, unless ``force``."""
+    settings = _settings(settings)
+    target = projects.open_project(project)
+    cache_root, state = _deployment(settings, target)
+    guard = WriterGuard(cache_root, target)
+    with flushing.flush_lock(cache_root, target.id):
+        try:
+            result = stage_deploy.undeploy(cache_root, target, guard.check, force=force, progress=progress)
+        except (Fenced, LeaseLost, LeaseHeld) as exc:
+            raise _fenced(cache_root, state, exc) from exc
+    agent = local_agent.running(settings)
+    if agent is not None:
+        with agent:
+            agent.call_ok(AgentOp.UNDEPLOYED, project=target.id)
+    result["released"] = False
+    if state.state != "fenced":
+        result["released"] = release(target.path, settings=settings)["released"]
+    return result
+
+
 def _through_holder(settings: Settings, target: projects.Project, remote: bool | None) -> bool:
     """Whether to read through the host that serves the project: asked for (``remote``, else
     the ``remote`` setting) and this host does not hold the lease itself."""
@@ -831,7 +955,22 @@ def recover(*, export: Path | None = None, settings: Settings | None = None) -> 
         if export is not None:
             item["exported"] = flushing.export_aside(aside, export / aside.label)
         found.append(item)
-    return {"cache": str(cache_root), "aside": found}
+    kept = []
+    for state in records.all_local(cache_root):
+        if state.state != "fenced":
+            continue
+        changed, deleted = stage_sync.pending(state) if Path(state.dir).is_dir() else ([], [])
+        kept.append(
+            {
+                "project": state.project,
+                "path": state.path,
+                "dir": state.dir,
+                "token": state.token,
+                "unsynced": changed,
+                "deleted_unsynced": deleted,
+            }
+        )
+    return {"cache": str(cache_root), "aside": found, "deployments": kept}
 
 
 @cache_errors_translated

@@ -270,6 +270,78 @@ def acquire(
 @main.command()
 @click.argument("project", type=click.Path(path_type=Path), required=False)
 @click.option(
+    "--to",
+    "directory",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="A folder on this node's local disk (new or empty; the same one to carry on).",
+)
+@click.option("--wait", type=float, metavar="SECONDS", help="Queue for the lease for up to SECONDS.")
+@click.option("--takeover", is_flag=True, help="Ask the holder to flush and release, and wait for it.")
+@_json_option
+@_common
+def deploy(
+    settings: Settings,
+    project: Path | None,
+    directory: Path,
+    wait: float | None,
+    takeover: bool,
+    as_json: bool,
+) -> None:
+    """Take PROJECT's lease and copy its folder to DIR on this node to work there; `sync` copies
+    changes back, `undeploy` ends it. Run again after an interruption, it carries on."""
+    with _progress(as_json, "deploying") as progress:
+        result = api.deploy(
+            project, directory, wait=wait, takeover=takeover, settings=settings, progress=progress
+        )
+    text = (
+        f"deployed {result['path']} to {result['dir']} (token {result['token']}): copied "
+        f"{result['files']} files ({_size(result['bytes'])})"
+    )
+    _emit(as_json, result, text)
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@_json_option
+@_common
+def sync(settings: Settings, project: Path | None, as_json: bool) -> None:
+    """Copy what changed in this node's deployment of PROJECT back to the share (fenced: a host
+    that lost the lease publishes nothing)."""
+    with _progress(as_json, "syncing") as progress:
+        result = api.sync(project, settings=settings, progress=progress)
+    text = (
+        f"synced {result['dir']}: {result['copied']} files ({_size(result['bytes'])}), "
+        f"{result['deleted']} deleted, {result['links']} links"
+    )
+    if result["recorded_links"]:
+        recorded = len(result["recorded_links"])
+        text += f"; {recorded} links recorded in .dbguard/symlinks.json (the share holds none)"
+    _emit(as_json, result, text)
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@click.option("--force", is_flag=True, help="Even while processes use the deployment (or it lost its lease).")
+@_json_option
+@_common
+def undeploy(settings: Settings, project: Path | None, force: bool, as_json: bool) -> None:
+    """The last sync of PROJECT's deployment on this node, a check of every synced file on the
+    share, the deployment removed, the lease released."""
+    with _progress(as_json, "syncing") as progress:
+        result = api.undeploy(project, force=force, settings=settings, progress=progress)
+    synced = result["synced"]
+    text = f"undeployed {result['path']}: removed {result['dir']}"
+    if synced is not None:
+        text += f" after syncing {synced['copied']} files and checking {result['checked']} on the share"
+    text += "; released the lease" if result["released"] else ""
+    _emit(as_json, result, text)
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@click.option(
     "--address",
     metavar="tcp://HOST:PORT",
     help="Where workers reach this host (default: every interface, a free port).",
@@ -301,9 +373,7 @@ def _serving_text(result: dict[str, Any]) -> str:
 @main.command(name="import")
 @click.argument("args", nargs=-1, required=True, metavar="[PROJECT] NAME FILE...")
 @click.option("--dataset", metavar="PATH", help="The HDF5 dataset (or .npz member) to import.")
-@click.option(
-    "--remote", is_flag=True, help="Through the host that serves the project (its unflushed records too)."
-)
+@_remote_option
 @_json_option
 @_common
 def import_command(
@@ -339,9 +409,7 @@ def import_command(
     help="The file to write; its suffix chooses the format (.mrc .mrcs .st .map .tif .h5 .npy .npz).",
 )
 @click.option("--dataset", metavar="PATH", help="The HDF5 dataset to write (default: images).")
-@click.option(
-    "--remote", is_flag=True, help="Through the host that serves the project (its unflushed records too)."
-)
+@_remote_option
 @_json_option
 @_common
 def export_command(
@@ -466,6 +534,13 @@ def _status_text(result: Status) -> str:
                     f"  stranded {size} unflushed on {writer.host}; wait for that host "
                     "to return, or run `dbguard break PROJECT --force`"
                 )
+        if item.deployment:
+            d = item.deployment
+            unfinished = ", copy unfinished" if d["state"] == "deploying" else ""
+            lines.append(
+                f"  deployed to {d['dir']} on {d['host']} by {d['user']} since {_when(d['since'])} "
+                f"(token {d['token']}{unfinished})"
+            )
         readers = ", ".join(f"{r.user} on {r.host}" for r in item.readers) or "none"
         queue = ", ".join(f"{w.user} on {w.host}" + (" (takeover)" if w.takeover else "") for w in item.queue)
         lines.append(f"  readers  {readers}")
@@ -666,9 +741,7 @@ def _cleared_text(done: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("project", type=click.Path(path_type=Path), default=".")
-@click.option(
-    "--remote", is_flag=True, help="Through the host that serves the project (its unflushed records too)."
-)
+@_remote_option
 @_json_option
 @_common
 def browse(settings: Settings, project: Path, remote: bool | None, as_json: bool) -> None:
@@ -701,9 +774,7 @@ def browse(settings: Settings, project: Path, remote: bool | None, as_json: bool
 @main.command(name="ls")
 @click.argument("project", type=click.Path(path_type=Path))
 @click.argument("db", required=False)
-@click.option(
-    "--remote", is_flag=True, help="Through the host that serves the project (its unflushed records too)."
-)
+@_remote_option
 @_json_option
 @_common
 def ls_command(settings: Settings, project: Path, db: str | None, remote: bool | None, as_json: bool) -> None:
@@ -752,8 +823,14 @@ def recover(settings: Settings, export: Path | None, as_json: bool) -> None:
         f"{item['label']}: {_size(item['dirty_bytes'])} unflushed, {item['reason']}"
         + (f"; exported {item['exported']} records" if "exported" in item else "")
         for item in result["aside"]
-    ] or ["nothing kept aside on this host"]
-    _emit(as_json, result, "\n".join(lines))
+    ]
+    for kept in result["deployments"]:
+        lines.append(
+            f"deployment {kept['dir']} of {kept['path']} lost its lease (token {kept['token']}); not synced: "
+            f"{len(kept['unsynced'])} changed or new, {len(kept['deleted_unsynced'])} deleted"
+            + "".join(f"\n  {path}" for path in kept["unsynced"][:20])
+        )
+    _emit(as_json, result, "\n".join(lines or ["nothing kept aside on this host"]))
 
 
 @main.command(name="check-cache")

@@ -161,6 +161,8 @@ class ProjectStatus:
     free_in: float | None = None  # seconds of lock-delay left
     last_loss: dict[str, Any] | None = None  # how the last holder lost it: holder, token, reason, at
     path: Path | None = None  # the project directory, when asked about one
+    # Where the project is deployed (`dbguard deploy`), from its record on the share.
+    deployment: dict[str, Any] | None = None
 
     @classmethod
     def from_wire(cls, item: dict[str, Any], path: Path | None = None) -> ProjectStatus:
@@ -202,6 +204,7 @@ class ProjectStatus:
             data["last_loss"] = self.last_loss
         if self.path is not None:
             data["path"] = str(self.path)
+            data["deployment"] = self.deployment
         return data
 
 

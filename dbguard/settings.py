@@ -54,6 +54,7 @@ class Settings:
     # Workers: open databases through the host that serves the project (DBGUARD_REMOTE=1 in a job script).
     remote: bool = False
     serve_retry: float = 120.0  # seconds a worker waits for a holder that still holds the lease to answer
+    sync_interval: float = 300.0  # seconds between the agent's syncs of a deployed project folder
 
     @property
     def effective_grace(self) -> float:
@@ -81,6 +82,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "request_timeout": (0.1, 3600.0),
     "run_grace": (0.0, 3600.0),
     "serve_retry": (0.0, 3600.0),
+    "sync_interval": (0.1, 30 * _DAY),
 }
 _FLOATS = set(BOUNDS)
 _PATHS = {"cache", "keys", "state"}

@@ -247,7 +247,7 @@ def test_where_the_holder_serves_workers_is_kept_with_its_lease_and_ends_with_it
         f"    print(db.extend([np.full((8, 8), i, np.float32) for i in range(3)]))"
     )
     assert worker.returncode == 0 and worker.stdout.strip() == "[0, 1, 2]", worker.stderr
-    assert project_state(b, project)["writer"]["unflushed"] > 0 or status(a, project)
+    assert wait_for(lambda: project_state(b, project)["writer"]["unflushed"] > 0, TTL * 2)
     assert a.run("serve", str(project), "--stop").returncode == 0
     assert project_state(b, project)["writer"]["serve"] is None
     assert a.run("serve", str(project), "--address", "tcp://127.0.0.1:0").returncode == 0

@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
 import pytest
+import zmq
 
 from dbguard.cache import CacheStore
 from dbguard.lease import keys
 from tests.support import LOCK_DELAY, MakeSimHost, failed, sim_hosts
 from tools.sshfs import sshfs_unavailable
-from tools.testbed import BrokerProcess, SimHost, namespaces_unavailable, wait_for
+from tools.testbed import BrokerProcess, Host, SimHost, namespaces_unavailable, wait_for
 
 _WHY_NOT = namespaces_unavailable() or sshfs_unavailable()
 if _WHY_NOT and os.environ.get("CI") != "true":
@@ -342,3 +344,115 @@ def test_an_append_retried_with_its_id_lands_once(tmp_path: Path) -> None:
         assert store.append("images", np.ones(4, np.float32), b"", once=b"req-1") == 2
     finally:
         store.close()
+
+
+# ------------------------------------------------- one machine, two holders (no sshfs needed)
+
+
+def serving_on(a: Host, project: Path) -> str:
+    assert a.run("init", str(project)).returncode == 0
+    served = a.run("acquire", str(project), "--serve", "--address", ANY_PORT, "--json")
+    assert served.returncode == 0, served.stderr
+    return str(json.loads(served.stdout)["serve"])
+
+
+def test_the_server_answers_malformed_requests_and_keeps_serving(
+    hosts: dict[str, Host], project: Path
+) -> None:
+    """Whatever a worker sends, the holder's server says what is wrong and carries on."""
+    a = hosts["a"]
+    address = serving_on(a, project)
+    project_id = json.loads((project / ".dbguard" / "project.json").read_text())["id"]
+    token = int(json.loads(a.run("status", str(project), "--json").stdout)["projects"][0]["writer"]["token"])
+    context = zmq.Context.instance()
+    worker = context.socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.connect(address)
+
+    def ask(*frames: bytes) -> dict[str, Any]:
+        worker.send_multipart(list(frames))
+        assert worker.poll(10_000), "the server did not answer"
+        reply: dict[str, Any] = json.loads(worker.recv_multipart()[0])
+        return reply
+
+    def header(**fields: Any) -> bytes:
+        return json.dumps({"v": 1, "id": os.urandom(8).hex(), "project": project_id, **fields}).encode()
+
+    record = {"db": "images", "token": token}
+    bad = [
+        (b"not json",),
+        (json.dumps({"id": "x" * 500, "op": "hello"}).encode(),),
+        (header(op="nonsense"),),
+        (header(op="hello", project="someone-else"),),
+        (header(op="append", **record, dtype="(2,)i4", shape=[3]), b"\0" * 24),
+        (header(op="append", **record, dtype="<f4", shape=[0, 10**30]), b""),
+        (header(op="append", **record, dtype="<f4", shape=[4]), b"\0" * 3),
+        (header(op="append", **record, dtype="object", shape=[1]), b"\0" * 8),
+        (header(op="append", db=["images"], token=token, dtype="<f4", shape=[1]), b"\0" * 4),
+        (header(op="append", db="x" * 300, token=token, dtype="<f4", shape=[1]), b"\0" * 4),
+        (header(op="put", **record, index=2**62, dtype="<f4", shape=[1]), b"\0" * 4),
+        (header(op="get", **record, index="seven"),),
+        (header(op="append", db="images", token=token + 1, dtype="<f4", shape=[1]), b"\0" * 4),
+    ]
+    for n, frames in enumerate(bad):
+        reply = ask(*frames)
+        assert reply["ok"] is False and reply["message"], (n, frames[0][-120:], reply)
+    assert ask(header(op="put", **record, index=2**62, dtype="<f4", shape=[1]), b"\0" * 4)["error"] == "usage"
+    good = ask(header(op="append", **record, dtype="<f4", shape=[2]), b"\0" * 8)
+    assert good["ok"] and good["index"] == 0
+    assert ask(header(op="count", **record))["count"] == 1
+    worker.close()
+
+
+def a_worker(a: Host, tmp_path: Path, **settings: str) -> Host:
+    """Another host, whose settings make it a worker (its own hostname and cache)."""
+    return Host("host-w", tmp_path / "hosts", a.broker, flush_interval="3600", **settings)
+
+
+def test_a_silent_holder_still_named_makes_workers_fail_within_serve_retry(
+    hosts: dict[str, Host], project: Path, tmp_path: Path
+) -> None:
+    a, b = hosts["a"], a_worker(hosts["a"], tmp_path, serve_retry="5")
+    serving_on(a, project)
+    agent_pid = a.agent_pid()
+    assert agent_pid is not None
+    (server,) = psutil.Process(agent_pid).children()  # the agent's server of this project
+    server.suspend()  # alive, named in the lease service, answering nothing
+    try:
+        started = time.monotonic()
+        stuck = b.python(
+            f"import numpy as np, dbguard\nprint(dbguard.open({str(project)!r}, 'images', 'a', remote=True))",
+            timeout=60,
+        )
+        took = time.monotonic() - started
+    finally:
+        server.resume()
+    assert stuck.returncode != 0 and "HolderUnreachable" in stuck.stderr, (stuck.stdout, stuck.stderr[-2000:])
+    assert took < 30, took  # serve_retry (5 s here) plus the request timeouts, never forever
+
+
+def test_serve_stop_tells_workers_at_once_and_the_cli_follows_dbguard_remote(
+    hosts: dict[str, Host], project: Path, tmp_path: Path
+) -> None:
+    a, b = hosts["a"], hosts["b"]
+    job = a_worker(a, tmp_path, remote="1")  # DBGUARD_REMOTE=1, as a job script sets it
+    serving_on(a, project)
+    appended = b.python(
+        f"import numpy as np, dbguard\n"
+        f"with dbguard.open({str(project)!r}, 'images', 'a', remote=True) as db:\n"
+        f"    db.extend([np.zeros(4, np.float32)] * 3)\n"
+        f"    try:\n"
+        f"        db[10] = np.zeros(4, np.float32)\n"
+        f"    except dbguard.UsageError as exc:\n"
+        f"        print('refused:', exc)"
+    )
+    assert appended.returncode == 0 and "past the end" in appended.stdout, appended.stderr
+    live = job.run("ls", str(project), "--json")
+    assert live.returncode == 0, live.stderr
+    assert json.loads(live.stdout)["databases"] == [{"name": "images", "count": 3}]
+    assert json.loads(b.run("ls", str(project), "--json").stdout)["databases"] == []  # the share: none yet
+    assert a.run("serve", str(project), "--stop").returncode == 0
+    started = time.monotonic()
+    told = b.python(f"import dbguard\ndbguard.open({str(project)!r}, 'images', 'r', remote=True)")
+    assert told.returncode != 0 and "NotServed" in told.stderr and "dbguard serve" in told.stderr
+    assert time.monotonic() - started < 15

@@ -1,6 +1,6 @@
 """Serving a project to worker nodes: the holder's side of `dbguard serve`.
 
-One process per served project, started by this host's agent (`serving.Serving`) while it holds
+One process per served project, started by this host's agent (`serving.Servers`) while it holds
 the writer lease, and stopped by it when the lease ends, the agent dies (the kernel sends it
 SIGTERM: PR_SET_PDEATHSIG) or serving is switched off. It is a local writer like any other
 process of this host: it opens the project's image databases with `dbguard.open` (the same
@@ -14,7 +14,7 @@ lost the lease and was granted a new one) refuses it with `LeaseLost`, so nothin
 believed it wrote under one lease is silently continued under another.
 
 Run as ``python -P -m dbguard.agent.serve PROJECT_ID PATH ADDRESS``; it prints one JSON line on
-stdout when it listens (``{"address": ..., "key": ...}``) or when it cannot
+stdout when it listens (``{"address": ..., "bound": ..., "key": ...}``) or when it cannot
 (``{"error": ...}``, a GuardError's reply), then serves until SIGTERM.
 """
 
@@ -27,7 +27,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,12 @@ from dbguard.settings import Settings, load
 log = logging.getLogger("dbguard.agent.serve")
 
 _PR_SET_PDEATHSIG = 1
-# Requests taken off the socket per turn (their appends batched per database).
+# Requests taken off the socket per turn (their appends batched per database), and the bytes
+# they may hold: a batch is one cache transaction, whose dirty pages LMDB keeps in memory.
 _BATCH = 256
+_BATCH_BYTES = 64 << 20
+# Messages queued on the socket before ZeroMQ stops reading from workers (they wait, in TCP).
+_RECEIVE_QUEUE = 64
 # Appends' request ids are kept this long (a worker resends for at most serve_retry, <= 1 h),
 # and forgotten this often.
 _IDS_KEPT = 86_400.0
@@ -74,6 +77,7 @@ class ProjectServer:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_RECORD_BYTES + wire.MAX_HEADER_BYTES)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._socket.setsockopt(zmq.RCVHWM, _RECEIVE_QUEUE)
         self._authenticator: ThreadAuthenticator | None = None
         self.public_key: str | None = None
         if settings.keys is not None:
@@ -98,22 +102,28 @@ class ProjectServer:
                 f"cannot serve {project.path} on {address}: {exc}. Pass --address tcp://HOST:PORT with "
                 "an address of this host that workers can reach and a free port (0 picks one)"
             ) from None
-        self.address = _advertised(self._socket.getsockopt_string(zmq.LAST_ENDPOINT), address)
+        self.bound = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.address = _advertised(self.bound, address)
         self._databases: dict[str, ImageDB] = {}
         self._catalog: ImageDB | None = None
-        self._stop = threading.Event()
+        # A plain flag, not a threading.Event: `stop` runs in signal handlers, and a second signal
+        # arriving inside Event.set would wait forever for the lock the first one holds.
+        self._stopping = False
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping = True
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         next_forget = time.monotonic() + _FORGET_EVERY
+        parent = os.getppid()
         try:
-            while not self._stop.is_set():
+            while not self._stopping:
                 if poller.poll(200):
                     self._serve_ready()
+                if os.getppid() != parent:  # the agent died and the death signal did not come
+                    break
                 if time.monotonic() >= next_forget:
                     next_forget = time.monotonic() + _FORGET_EVERY
                     self._forget_old_ids()
@@ -154,7 +164,8 @@ class ProjectServer:
         database that arrive together are applied in one cache transaction: a transaction's
         cost is shared, and each append still lands once, whole, with its id."""
         received: list[tuple[Any, memoryview, memoryview | None]] = []
-        for _ in range(_BATCH):
+        size = 0
+        while len(received) < _BATCH and size < _BATCH_BYTES:
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -162,6 +173,7 @@ class ProjectServer:
             # ROUTER: the worker's identity, then the header, then the payload if any.
             if 2 <= len(frames) <= 3:
                 received.append((frames[0], frames[1].buffer, frames[2].buffer if len(frames) == 3 else None))
+                size += sum(len(frame.buffer) for frame in frames)
         batch: list[tuple[Any, str, dict[str, Any], np.ndarray[Any, Any]]] = []
         for identity, header, payload in received:
             appended = self._as_append(header, payload)
@@ -196,7 +208,7 @@ class ProjectServer:
                 return None
             _attrs(message)
             return message["id"], message, self._record(message, payload)
-        except (ProtocolError, GuardError):
+        except Exception:  # answered one by one, where the error is said
             return None
 
     def _apply_appends(self, batch: list[tuple[Any, str, dict[str, Any], np.ndarray[Any, Any]]]) -> None:
@@ -207,9 +219,19 @@ class ProjectServer:
             self._check_token(batch[0][2], writing=True)
             records = [(array, _attrs(message), req_id) for _, req_id, message, array in batch]
             indices = self._writer(name).append_batch(records)
-        except Exception as exc:
+        except GuardError as exc:  # the lease, the cache: the same for every one of them
             for identity, req_id, _, _ in batch:
                 self._send(identity, self._error_reply(req_id, exc))
+            return
+        except Exception:
+            # Something about one of them: each alone, so the others still land.
+            for identity, req_id, message, array in batch:
+                try:
+                    index = self._writer(name).append(array, _attrs(message), once=req_id)
+                except Exception as exc:
+                    self._send(identity, self._error_reply(req_id, exc))
+                else:
+                    self._send(identity, reply_ok(req_id, index=index))
             return
         for (identity, req_id, _, _), index in zip(batch, indices, strict=True):
             self._send(identity, reply_ok(req_id, index=index))
@@ -270,7 +292,13 @@ class ProjectServer:
             index = self._writer(name).append(array, _attrs(message), once=req_id)
             return reply_ok(req_id, index=index), None
         if op is DataOp.PUT:
-            self._writer(name)[wire.field(message, "index", int)] = self._record(message, payload)
+            index, db = wire.field(message, "index", int), self._writer(name)
+            if not -len(db) <= index < len(db):
+                raise UsageError(
+                    f"record {index} is past the end of {name!r} ({len(db)} records): a worker "
+                    "overwrites records that exist, and appends new ones"
+                )
+            db[index] = self._record(message, payload)
             return reply_ok(req_id), None
         if op is DataOp.SET_ATTRS:
             self._writer(name).set_attrs(wire.field(message, "index", int), _attrs(message) or {})
@@ -375,7 +403,9 @@ def main(argv: list[str]) -> int:
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop() if server is not None else None)
-    print(json.dumps({"address": server.address, "key": server.public_key}), flush=True)
+    print(
+        json.dumps({"address": server.address, "bound": server.bound, "key": server.public_key}), flush=True
+    )
     log.info("serving %s (token %d) on %s", path, server.token, server.address)
     server.serve_forever()
     return 0

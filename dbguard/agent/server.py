@@ -60,6 +60,8 @@ from dbguard.lease.rules import Holder, RenewItem
 from dbguard.lease.service import LeaseService, for_broker
 from dbguard.names import PLAIN_NAME_RULE, is_plain_name
 from dbguard.settings import Settings
+from dbguard.stage import records
+from dbguard.stage import sync as syncing
 from dbguard.units import human_size
 
 log = logging.getLogger("dbguard.agent.server")
@@ -100,6 +102,10 @@ class HeldLease:
     # Where this host serves the project to workers (`dbguard serve`), as bound: a restarted
     # agent serves it there again, so workers find it where they left it.
     serve: str | None = None
+    serve_bind: str | None = None  # what its server bound (tcp://0.0.0.0:PORT), to bind it again
+    # Whether the project is deployed on this host (`dbguard deploy`): its folder there may hold
+    # work not on the share yet, so the lease stays dirty (invariant 7) and is synced periodically.
+    deployed: bool = False
     last_renewed: float = field(default=0.0, repr=False)  # monotonic; not persisted
     last_flush: float = field(default=0.0, repr=False)  # monotonic; not persisted
     settle_after: float = field(default=0.0, repr=False)  # monotonic; not persisted
@@ -141,6 +147,11 @@ class HeldLease:
             or not (
                 lease.serve is None or (isinstance(lease.serve, str) and lease.serve.startswith("tcp://"))
             )
+            or not all(
+                value is None or (isinstance(value, str) and value.startswith("tcp://"))
+                for value in (lease.serve, lease.serve_bind)
+            )
+            or not isinstance(lease.deployed, bool)
         ):
             return None
         return lease
@@ -158,6 +169,8 @@ _SAVED_FIELDS = (
     "takeover_by",
     "marked",
     "serve",
+    "serve_bind",
+    "deployed",
 )
 
 
@@ -192,10 +205,12 @@ class Agent:
         (cache_dir / SOCKET_NAME).unlink(missing_ok=True)  # a crashed predecessor's; we hold the lock
         self._socket.bind(socket_address(cache_dir))
         self._stopping = threading.Event()
+        self._signalled = False
         self._renew_now = threading.Event()
         self._next_settle = 0.0
         self.servers = Servers(cache_dir)
         self._next_serve_check = 0.0
+        self._next_sync = time.monotonic() + settings.sync_interval
 
     def _lock(self) -> int:
         fd = os.open(self.cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -214,7 +229,7 @@ class Agent:
 
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.stop())
+            signal.signal(signum, self._on_signal)
         log.info(
             "agent %s for %s serving %s", self.holder.agent, self.holder.key, socket_address(self.cache_dir)
         )
@@ -227,7 +242,13 @@ class Agent:
             while not self._stopping.is_set():
                 if poller.poll(200):
                     self._carry_on(self._serve_local)
-                for step in (self._do_work, self._flush_due, self._settle_clean, self._keep_serving):
+                for step in (
+                    self._do_work,
+                    self._flush_due,
+                    self._settle_clean,
+                    self._keep_serving,
+                    self._sync_due,
+                ):
                     self._carry_on(step)
         finally:
             self._stopping.set()
@@ -246,6 +267,13 @@ class Agent:
             step()
         except Exception:
             log.exception("%s failed; the agent carries on", getattr(step, "__name__", step))
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Once only: a second signal arriving inside Event.set below would wait forever for
+        # the lock that the first one holds (PDEATHSIG and a kill can come together).
+        if not self._signalled:
+            self._signalled = True
+            self.stop()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -276,8 +304,8 @@ class Agent:
         try:
             self._acquire(lease.as_project(), wait=False, takeover=False, reclaiming=lease.token)
             resumed = self.leases[lease.project]
-            if resumed.token == lease.token:
-                resumed.serve = lease.serve  # served before: `_keep_serving` serves it again
+            if resumed.token == lease.token:  # served before: `_keep_serving` serves it again
+                resumed.serve, resumed.serve_bind = lease.serve, lease.serve_bind
             self._notice(
                 lease.project,
                 f"reclaimed the lease (token {self.leases[lease.project].token}) after an agent restart",
@@ -526,6 +554,8 @@ class Agent:
         the GuardError of an unreachable lease service (the lease then stays dirty)."""
         if lease.state != "held" or not lease.marked:
             return not lease.marked
+        if lease.deployed:
+            return False  # the deployed folder may hold work the share has not seen
         if self.unflushed(lease.project):
             return False
         try:
@@ -577,7 +607,7 @@ class Agent:
         except GuardError:
             self.servers.stop(project_id)
             raise
-        lease.serve = server.address
+        lease.serve, lease.serve_bind = server.address, server.bound
         self._save()
         return {"address": server.address, "key": server.key, "token": lease.token}
 
@@ -588,7 +618,7 @@ class Agent:
             lease = self.leases.get(project_id)
         if lease is None or lease.serve is None:
             return stopped
-        lease.serve = None
+        lease.serve = lease.serve_bind = None
         self._save()
         if tell and lease.state == "held":
             reply = self.broker.send(requests.Serve(project_id, self.holder, lease.token))
@@ -609,16 +639,85 @@ class Agent:
                 self.servers.stop(lease.project)
             if lease.state != "held" or lease.serve is None or (server is not None and server.running):
                 continue
+            bind = lease.serve_bind or lease.serve
             try:
-                self._serve(lease.project, lease.serve)
+                self._serve(lease.project, bind)
             except GuardError as exc:
                 # Its port taken meanwhile: any free port; workers look the address up again.
-                fallback = lease.serve.rpartition(":")[0] + ":0"
+                fallback = bind.rpartition(":")[0] + ":0"
                 try:
                     self._serve(lease.project, fallback)
                 except GuardError:
                     self._notice(lease.project, f"could not serve it to workers again: {exc}")
                     self._next_serve_check = now + 5.0
+
+    # ----------------------------------------------------------- deployments
+
+    def _deployed(self, project_id: str, token: int) -> dict[str, Any]:
+        """`dbguard deploy` copied the project here: the lease is dirty from now on (a host that
+        dies with its deployment orphans the project), and synced every sync_interval."""
+        self._mark_dirty(project_id, token, 0)
+        with self._table_lock:
+            lease = self.leases[project_id]
+            lease.deployed = True
+        self._save()
+        return {"deployed": True}
+
+    def _undeployed(self, project_id: str) -> dict[str, Any]:
+        with self._table_lock:
+            lease = self.leases.get(project_id)
+            if lease is not None:
+                lease.deployed = False
+                lease.settle_after = 0.0
+        self._save()
+        return {"deployed": False}
+
+    def _sync_due(self) -> None:
+        """The periodic sync of deployed projects (stage.sync), fenced like every sync."""
+        now = time.monotonic()
+        if now < self._next_sync:
+            return
+        self._next_sync = now + self.settings.sync_interval
+        for lease in self._live_leases():
+            if lease.state == "held" and lease.deployed:
+                self._sync(lease)
+
+    def _sync(self, lease: HeldLease) -> None:
+        try:
+            with flushing.flush_lock(self.cache_dir, lease.project):
+                state = records.read_local(self.cache_dir, lease.project)
+                if state is None or state.state != "deployed" or state.token != lease.token:
+                    return
+                try:
+                    result = syncing.sync(self.cache_dir, state, functools.partial(self._still_held, lease))
+                except (Fenced, LeaseLost, LeaseHeld) as exc:
+                    state.state = "fenced"
+                    records.write_local(self.cache_dir, state)
+                    self._notice(lease.project, f"sync refused, the deployment {state.dir} is kept: {exc}")
+                    return
+            if result.copied or result.deleted:
+                log.info(
+                    "%s: synced %d files (%d bytes), %d deleted",
+                    lease.project,
+                    result.copied,
+                    result.bytes,
+                    result.deleted,
+                )
+        except GuardError as exc:
+            self._notice(lease.project, f"sync failed, will retry: {exc}")
+
+    def _still_held(self, lease: HeldLease) -> None:
+        if lease.state == "lost" or self.leases.get(lease.project) is not lease:
+            reason = lease.reason or "released"
+            raise LeaseLost(f"this host lost the lease of {lease.path}: {reason}", project=lease.project)
+
+    def _fence_deployment(self, lease: HeldLease) -> None:
+        """A lost lease's deployment publishes nothing more; `recover` lists what it kept."""
+        state = records.read_local(self.cache_dir, lease.project)
+        if state is not None and state.state != "fenced" and state.token == lease.token:
+            state.state = "fenced"
+            records.write_local(self.cache_dir, state)
+            self._notice(lease.project, f"the deployment {state.dir} is kept; see `dbguard recover`")
 
     def _hand_over(self, lease: HeldLease) -> None:
         """Another host asked for a takeover: flush, then give the lease up."""
@@ -638,6 +737,8 @@ class Agent:
         A cache that cannot be moved (damaged, its disk full) stays where it is, said so: no
         writer of this host can write it under the lost lease anyway."""
         self.servers.stop(lease.project)  # nothing more from workers into what is moved aside
+        if lease.deployed:
+            self._carry_on(lambda: self._fence_deployment(lease))
         try:
             with flushing.flush_lock(self.cache_dir, lease.project):
                 dirty = self.unflushed(lease.project)
@@ -706,6 +807,12 @@ class Agent:
                 return protocol.reply_ok(req_id, **self._serve(_project_id(request), _address(request)))
             if op == AgentOp.UNSERVE:
                 return protocol.reply_ok(req_id, stopped=self._unserve(_project_id(request)))
+            if op == AgentOp.DEPLOYED:
+                return protocol.reply_ok(
+                    req_id, **self._deployed(_project_id(request), int(request["token"]))
+                )
+            if op == AgentOp.UNDEPLOYED:
+                return protocol.reply_ok(req_id, **self._undeployed(_project_id(request)))
             if op == AgentOp.LEASES:
                 with self._table_lock:
                     leases = [lease.public() for lease in self.leases.values()]
@@ -767,8 +874,8 @@ class Agent:
         lease.last_renewed = lease.last_flush = time.monotonic()
         with self._table_lock:
             previous = self.leases.get(project.id)
-            if previous is not None and previous.token == lease.token:
-                lease.serve = previous.serve  # the same lease again (a resume): still served
+            if previous is not None and previous.token == lease.token:  # a resume: still served
+                lease.serve, lease.serve_bind = previous.serve, previous.serve_bind
             self.leases[project.id] = lease
         if previous is None or previous.token != lease.token or previous.state != "held":
             try:
@@ -860,7 +967,7 @@ class Agent:
 
     def _flush_and_release(self, project_id: str) -> dict[str, Any]:
         # Workers stop first: what they wrote so far is in the cache, and is flushed below.
-        self._unserve(project_id, tell=False)
+        self._unserve(project_id)
         with self._table_lock:
             lease = self.leases.get(project_id)
         if lease is not None and lease.state == "held" and self.unflushed(project_id):

@@ -30,6 +30,7 @@ _STOP_TIMEOUT = 5.0
 class Server:
     project: str
     address: str  # where workers reach it
+    bound: str  # what it bound (tcp://0.0.0.0:PORT): a restarted server binds it again
     key: str | None  # its CURVE public key (z85), when keys are used
     process: subprocess.Popen[bytes]
 
@@ -70,11 +71,16 @@ class Servers:
             _end(process)
             if isinstance(said.get("error"), dict):
                 raise from_reply(said["error"])
-            raise GuardError(
-                f"the server for {project.path} did not start within {_START_TIMEOUT:.0f}s "
-                f"(exit {process.returncode}); see the agent's log in {self.cache_dir}"
+            how = (
+                f"did not start within {_START_TIMEOUT:.0f}s"
+                if process.returncode == -signal.SIGTERM  # `_end` stopped it: too slow
+                else "stopped at start"
             )
-        server = Server(project.id, str(said["address"]), said.get("key"), process)
+            raise GuardError(
+                f"the server for {project.path} {how} (exit {process.returncode}); see the agent's log "
+                f"in {self.cache_dir}"
+            )
+        server = Server(project.id, str(said["address"]), str(said["bound"]), said.get("key"), process)
         self._servers[project.id] = server
         log.info("serving %s on %s (pid %d)", project.path, server.address, process.pid)
         return server

@@ -69,6 +69,7 @@ class HolderLink:
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = None
         self._monitor: zmq.Socket[bytes] | None = None
+        self._server_key: str | None = None
         # Exchanges may nest (a read inside a loop over a pipelined iteration): a reply that
         # belongs to another exchange waits here for it, rather than being taken for a stray.
         self._outstanding: set[str] = set()
@@ -77,7 +78,11 @@ class HolderLink:
         self.host = ""
         self.address = ""
         self._connect(self._locate())
-        reply, _ = self.call(DataOp.HELLO)
+        try:
+            reply, _ = self.call(DataOp.HELLO)
+        except BaseException:
+            self.close()
+            raise
         if reply.get("token") != self.token:
             # The lease changed between the lookup and the hello: look again from scratch.
             self.close()
@@ -152,6 +157,7 @@ class HolderLink:
             )
         socket.connect(str(writer["serve"]))
         self._socket = socket
+        self._server_key = writer.get("serve_key")
         self.token = int(writer["token"])
         self.host = str(writer.get("host"))
         self.address = str(writer["serve"])
@@ -226,7 +232,7 @@ class HolderLink:
                 self._check_refused()
                 deadline = deadline or time.monotonic() + self.settings.serve_retry
                 self._recover(deadline)
-                for item in pending.values():
+                for item in pending.values():  # the holder applies each id once
                     self._send(item)
         finally:
             # Given up on (an error, or a loop left early): its replies are nobody's now.
@@ -268,26 +274,30 @@ class HolderLink:
         return None, None
 
     def _recover(self, deadline: float) -> None:
-        """The holder did not answer: wait while the lease service still names it under our
-        token (its agent or server restarting), reconnect to wherever it serves now; raise
-        LeaseLost as soon as the lease is gone, HolderUnreachable when ``deadline`` passes."""
+        """The holder did not answer: while the lease service still names it under our token
+        (its agent or server restarting, or only busy), go on with wherever it serves now (a
+        new socket if that moved); raise LeaseLost or NotServed as soon as the lease service
+        says so, HolderUnreachable once ``deadline`` has passed without an answer."""
         last: GuardError | None = None
         while True:
-            try:
-                writer = self._locate()
-            except (BrokerUnavailable, NotServed) as exc:  # the service or the server coming back
-                last = exc
-            else:
-                self._connect(writer)
-                return
             if time.monotonic() >= deadline:
+                why = f": {last}" if last else ""
                 raise HolderUnreachable(
                     f"{self.host} has not answered this worker for {self.settings.serve_retry:g}s "
-                    f"(serve_retry) at {self.address}: {last}. It still holds {self.project.path}; "
-                    "check that its agent runs (`dbguard status` there)",
+                    f"(serve_retry) at {self.address}{why}. It still holds {self.project.path}; "
+                    "check that its agent runs (`dbguard status` there) and that this host reaches "
+                    "that address",
                     address=self.address,
                 )
-            time.sleep(0.5)
+            try:
+                writer = self._locate()
+            except BrokerUnavailable as exc:  # the lease service itself coming back
+                last = exc
+                time.sleep(0.5)
+                continue
+            if str(writer["serve"]) != self.address or writer.get("serve_key") != self._server_key:
+                self._connect(writer)
+            return
 
 
 def _who(writer: dict[str, Any]) -> str:

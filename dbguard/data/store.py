@@ -546,7 +546,7 @@ class ProjectStore:
         caller still has every record (it is never dropped here).
         """
         base = self.latest()
-        self._check_token(base, token)
+        self.check_token(base, token)
         self._ensure_dirs()
         name = f"{base.generation + 1:012d}-{token}-{uuid.uuid4().hex[:12]}"
         entries, size = self._write_segment(name, records, progress)
@@ -586,7 +586,7 @@ class ProjectStore:
         """Publish a generation that only raises the token: from now on older holders are refused."""
         base = self.latest()
         if base.token >= token and base.generation > 0:
-            self._check_token(base, token)
+            self.check_token(base, token)
             return base
         self._ensure_dirs()
         return self._publish(
@@ -603,7 +603,7 @@ class ProjectStore:
             token,
         )
 
-    def _check_token(self, manifest: Manifest, token: int) -> None:
+    def check_token(self, manifest: Manifest, token: int) -> None:
         if manifest.token > token:
             who = manifest.writer.get("host", "another host")
             raise Fenced(
@@ -709,7 +709,7 @@ class ProjectStore:
                         "restore that manifest from a backup",
                         path=str(target),
                     )
-                self._check_token(base, token)
+                self.check_token(base, token)
                 continue
             return manifest
         raise GuardError(f"could not publish a manifest in {self.manifests_dir}: too many concurrent flushes")
@@ -724,7 +724,7 @@ class ProjectStore:
         manifest may still read it, so it is only deleted ``retire_delay`` seconds later.
         """
         base = self.latest()
-        self._check_token(base, token)
+        self.check_token(base, token)
         live = self.live_entries(base)
         now = time.time()
         self._ensure_dirs()

@@ -30,6 +30,8 @@ MAX_HEADER_BYTES = 1 << 20
 # One record: a 16k x 16k float32 image is 1 GiB. The server's socket refuses larger messages
 # before it reads them (ZMQ_MAXMSGSIZE).
 MAX_RECORD_BYTES = 1 << 30
+# A request id (a worker sends a uuid's 32 hex digits); the cache keeps it with an append.
+MAX_ID = 64
 
 
 class DataOp(StrEnum):
@@ -64,8 +66,8 @@ def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(f"header is not JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("header is not a JSON object")
-    if not isinstance(message.get("id"), str) or not message["id"]:
-        raise ProtocolError("header has no request id")
+    if not isinstance(message.get("id"), str) or not 0 < len(message["id"]) <= MAX_ID:
+        raise ProtocolError(f"header has no request id of 1 to {MAX_ID} characters")
     return message
 
 
@@ -88,17 +90,20 @@ def array_from(message: dict[str, Any], payload: bytes | memoryview) -> np.ndarr
     copy). ProtocolError if the three do not agree."""
     try:
         dtype = np.dtype(field(message, "dtype", str))
-    except TypeError as exc:
+    except (TypeError, ValueError, SyntaxError) as exc:
         raise ProtocolError(f"dtype {message.get('dtype')!r} is not a numpy dtype: {exc}") from None
-    if dtype.hasobject or dtype.itemsize == 0:
-        raise ProtocolError(f"dtype {dtype} cannot be a record")
+    if dtype.hasobject or dtype.itemsize == 0 or dtype.subdtype is not None or dtype.fields:
+        raise ProtocolError(f"dtype {dtype} cannot be a record (a plain numeric dtype can)")
     shape = field(message, "shape", list)
     if len(shape) > 32 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise ProtocolError(f"shape {shape!r} must be a list of at most 32 sizes")
     expected = dtype.itemsize * math.prod(shape)
     if expected != len(payload):
         raise ProtocolError(f"payload of {len(payload)} bytes does not hold {dtype} {tuple(shape)}")
-    return np.frombuffer(payload, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(payload, dtype=dtype).reshape(shape)
+    except (ValueError, OverflowError) as exc:  # a shape numpy cannot make, such as [0, 10**30]
+        raise ProtocolError(f"shape {shape!r} cannot be made: {exc}") from None
 
 
 def bad_request(req_id: str, exc: Exception) -> dict[str, Any]:

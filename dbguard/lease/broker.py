@@ -356,8 +356,17 @@ def run(
 ) -> None:
     """Run a broker in this process until SIGTERM or SIGINT."""
     broker = Broker(address, LmdbLeaseStore(state_dir), timing, keys)
+    signalled: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Once only: a second signal arriving inside Event.set would wait forever for the lock
+        # that the first one holds.
+        if not signalled:
+            signalled.append(signum)
+            broker.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: broker.stop())
+        signal.signal(signum, on_signal)
     if ready_file is not None:
         ready_file.write_text(broker.bound_address + "\n")
     broker.serve_forever()

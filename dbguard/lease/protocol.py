@@ -73,6 +73,9 @@ class AgentOp(StrEnum):
     # Serve a held project to worker nodes on an address (`dbguard serve`), or stop serving it.
     SERVE = "serve"
     UNSERVE = "unserve"
+    # The project was deployed to (or taken back from) a folder of this host (`dbguard deploy`).
+    DEPLOYED = "deployed"
+    UNDEPLOYED = "undeployed"
 
 
 class ErrorKind(StrEnum):
