@@ -1,0 +1,276 @@
+"""Deploying a project folder to a node's local disk and taking it back (`dbguard deploy`,
+`undeploy`), under the writer lease. The caller (dbguard.api) holds the lease; this module
+copies, checks and writes the records down.
+
+Deploy copies the project's files (never `.dbguard/`) into DIR, which must be on a local disk
+(the cache's check: invariant 6), re-creates symbolic links (those on the share, and those the
+share could not hold, from `.dbguard/symlinks.json`), and writes the deployment record on the
+share, which `status` shows on every host. Run again, it carries on where an interrupted deploy
+stopped. Undeploy makes the last sync, reads every synced file back from the share past the page
+cache and matches it with the CRC-32 taken from DIR, and only then removes DIR.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with types-psutil
+
+from dbguard.cache import UnsafeCacheLocation, check_not_network
+from dbguard.data.project import Project
+from dbguard.errors import IntegrityError, ProjectBusy, UnsafeCachePath, UsageError, share_failure
+from dbguard.stage import copying, records
+from dbguard.stage.records import LocalState
+from dbguard.stage.sync import Progress, SyncResult, sync
+from dbguard.stage.tree import Item, inside, scan
+
+_PARALLEL = 8
+_SMALL = 8 << 20
+
+
+def check_local(directory: Path) -> None:
+    """A deployment holds the only copy of new work: never on a network filesystem."""
+    try:
+        check_not_network(directory)
+    except UnsafeCacheLocation as exc:
+        raise UnsafeCachePath(
+            f"cannot deploy to {directory}: it is on {exc.fstype} ({exc.mount_source} mounted at "
+            f"{exc.mountpoint}), and a deployment holds the only copy of new work. Deploy to a "
+            "local disk of this node (such as /tmp or /scratch)",
+            path=str(directory),
+            fstype=exc.fstype,
+        ) from None
+
+
+def deploy(
+    cache_root: Path,
+    project: Project,
+    directory: Path,
+    token: int,
+    *,
+    host: str,
+    user: str,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Copy ``project`` into ``directory`` (see the module docstring); what was copied."""
+    directory = directory.absolute()
+    share = project.path
+    if directory == share or share in directory.parents or directory in share.parents:
+        raise UsageError(f"deploy to a folder outside the project, not {directory}")
+    state = records.read_local(cache_root, project.id)
+    if state is not None and Path(state.dir) != directory:
+        raise UsageError(
+            f"{project.path} is deployed on this host to {state.dir} already: undeploy it first "
+            f"(`dbguard undeploy {project.path}`)"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    check_local(directory.parent)
+    if state is None:
+        if directory.exists() and any(directory.iterdir()):
+            raise UsageError(f"{directory} is not empty: deploy into a new or empty folder")
+        state = LocalState(project.id, str(share), str(directory), token)
+    elif state.state == "fenced":
+        raise UsageError(
+            f"this host's deployment of {project.path} in {state.dir} lost its lease with work not "
+            "synced: see `dbguard recover`, then `dbguard undeploy --force` to remove it"
+        )
+    state.token = token
+    directory.mkdir(exist_ok=True)
+    check_local(directory)
+    then = "nothing was changed on the share; run `dbguard deploy` again to carry on"
+
+    def record(stage: str) -> None:
+        records.write_deployment(share, host=host, user=user, directory=directory, token=token, state=stage)
+
+    try:
+        record("deploying")
+        records.write_local(cache_root, state)
+        copied, size = _copy_in(share, directory, state, cache_root, progress)
+        state.state = "deployed"
+        records.write_local(cache_root, state)
+        record("deployed")
+    except OSError as exc:
+        raise share_failure(share, exc, then) from exc
+    return {"project": project.id, "path": str(share), "dir": str(directory), "files": copied, "bytes": size}
+
+
+def _copy_in(
+    share: Path, directory: Path, state: LocalState, cache_root: Path, progress: Progress | None
+) -> tuple[int, int]:
+    tree = scan(share)
+    # The last sync's record names what this host's listing of the share may not show yet (a
+    # client's directory cache), and says what each file must hold.
+    recorded = records.read_tree(share)
+    for path, (item, _) in recorded.items():
+        if path in tree or item.kind == "link":
+            continue
+        try:
+            info = inside(share, path).lstat()  # a lookup by name: not from a stale listing
+        except (ValueError, OSError):
+            continue  # deleted since, or a record entry that points outside
+        if item.kind == "dir" and stat.S_ISDIR(info.st_mode):
+            tree[path] = item
+        elif item.kind == "file" and stat.S_ISREG(info.st_mode):
+            tree[path] = Item("file", max(info.st_size, item.size), item.mtime_ns, item.mode)
+    for path, link in records.read_links(share).items():
+        try:
+            inside(share, path)
+        except ValueError:
+            continue  # a record entry that points outside: not ours to create
+        tree.setdefault(path, Item("link", target=link))
+    done_bytes = [0]
+    total = sum(item.size for item in tree.values() if item.kind == "file")
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        if progress is not None:
+            with lock:
+                done_bytes[0] += n
+                progress(done_bytes[0], total)
+
+    for path in sorted(p for p, item in tree.items() if item.kind == "dir"):
+        copying.make_dir(inside(directory, path), tree[path])
+        state.synced[path] = (tree[path], 0)
+    before = state.tree()
+    wanted = sorted(
+        p for p, item in tree.items() if item.kind == "file" and not item.same_content(before.get(p))
+    )
+    for path in sorted(p for p, item in tree.items() if item.kind == "file" and p not in wanted):
+        advance(tree[path].size)  # copied by the deploy that was interrupted
+
+    def copy(path: str) -> None:
+        item = tree[path]
+        source, target = inside(share, path), inside(directory, path)
+        crc = copying.copy_file(source, target, item, progress=advance)
+        expected = recorded.get(path)
+        if expected is not None and expected[0].same_content(item) and crc != expected[1]:
+            # What this host's client served is not what was synced: read past its cache.
+            crc = copying.copy_file(source, target, item, uncached=True)
+            if crc != expected[1]:
+                raise IntegrityError(
+                    f"{source} does not hold what the last sync wrote there (CRC {crc}, not "
+                    f"{expected[1]}): this host's mount of the share may be serving a stale copy. "
+                    "Run `dbguard deploy` again in a minute; nothing was changed on the share",
+                    path=str(source),
+                )
+        with lock:
+            state.synced[path] = (target_item(target, item), crc)
+
+    with concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
+        for future in [pool.submit(copy, p) for p in wanted if tree[p].size < _SMALL]:
+            future.result()
+    for path in (p for p in wanted if tree[p].size >= _SMALL):
+        copy(path)
+        records.write_local(cache_root, state)
+    for path in sorted(p for p, item in tree.items() if item.kind == "link"):
+        copying.make_link(inside(directory, path), tree[path])
+        state.synced[path] = (tree[path], 0)
+    return len(wanted), sum(tree[p].size for p in wanted)
+
+
+def target_item(path: Path, item: Item) -> Item:
+    """The item as the deployment has it: a sync compares the deployment with what it had."""
+    info = path.lstat()
+    return Item("file", info.st_size, info.st_mtime_ns, item.mode)
+
+
+def processes_using(directory: Path) -> list[dict[str, Any]]:
+    """Processes of this host with a file open, or their working directory, inside ``directory``."""
+    found = []
+    prefix = str(directory.resolve()) + os.sep
+    for process in psutil.process_iter(["pid", "name"]):
+        try:
+            paths = [f.path for f in process.open_files()] + [process.cwd()]
+        except (psutil.Error, OSError):
+            continue
+        if any(p == prefix[:-1] or p.startswith(prefix) for p in paths):
+            found.append({"pid": process.info["pid"], "name": process.info["name"]})
+    return found
+
+
+def undeploy(
+    cache_root: Path,
+    project: Project,
+    lease_check: Callable[[], object],
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_sync: Callable[[SyncResult], None] | None = None,
+) -> dict[str, Any]:
+    """The last sync, the check of every synced file on the share, then DIR removed. The caller
+    releases the lease afterwards."""
+    state = records.read_local(cache_root, project.id)
+    if state is None:
+        raise UsageError(f"{project.path} is not deployed on this host")
+    directory = Path(state.dir)
+    if state.state == "fenced" and not force:
+        raise UsageError(
+            f"this host lost the lease of {project.path} with work in {directory} not synced; it was "
+            "kept (see `dbguard recover`). Copy out what you need, then `dbguard undeploy --force` "
+            "removes it"
+        )
+    users = [p for p in processes_using(directory) if p["pid"] != os.getpid()] if directory.exists() else []
+    if users and not force:
+        names = ", ".join(f"{u['name']} (pid {u['pid']})" for u in users)
+        raise ProjectBusy(
+            f"{directory} is in use by {names} on this host; stop them first, or undeploy with "
+            "--force to sync what they wrote so far and undeploy anyway"
+        )
+    result: dict[str, Any] = {"project": project.id, "path": str(project.path), "dir": str(directory)}
+    if state.state == "deployed":
+        synced = sync(cache_root, state, lease_check, progress=progress)
+        if on_sync is not None:
+            on_sync(synced)
+        result["synced"] = synced.to_json()
+        result["checked"] = _check_share(project.path, state)
+    else:  # an unfinished deploy (nothing of it is newer than the share) or a fenced one
+        result["synced"] = None
+        result["checked"] = 0
+    shutil.rmtree(directory, ignore_errors=False) if directory.exists() else None
+    records.remove_local(cache_root, project.id)
+    if state.state != "fenced":
+        record = records.read_deployment(project.path)
+        if record is not None and record["token"] == state.token:
+            records.remove_deployment(project.path)
+    result["removed"] = True
+    return result
+
+
+def _check_share(share: Path, state: LocalState) -> int:
+    """Every synced file read back from the share past this host's page cache, matched with the
+    CRC-32 taken from the deployment; IntegrityError naming the first that differs."""
+    checked = 0
+    links = records.read_links(share)
+    for path, (item, crc) in sorted(state.synced.items()):
+        target = inside(share, path)
+        if item.kind == "file":
+            try:
+                found = copying.file_crc(target, uncached=True)
+            except FileNotFoundError:
+                found = None
+            if found != crc:
+                raise IntegrityError(
+                    f"{target} on the share does not match what was synced from {state.dir} (CRC "
+                    f"{found} instead of {crc}): the deployment is kept; run `dbguard sync` and "
+                    "`dbguard undeploy` again",
+                    path=str(target),
+                )
+            checked += 1
+        elif (
+            item.kind == "link"
+            and not (target.is_symlink() and os.readlink(target) == item.target)
+            and links.get(path) != item.target
+        ):
+            raise IntegrityError(
+                f"the symbolic link {target} is missing on the share: the deployment is kept; "
+                "run `dbguard sync` and `dbguard undeploy` again",
+                path=str(target),
+            )
+    return checked

@@ -1,0 +1,221 @@
+"""Copying a deployment back to the share (`dbguard sync`, the agent's periodic sync, the last
+sync of `undeploy`), fenced.
+
+What changed since the last sync (by size and modification time), what was created and what was
+deleted is carried over; files are published one by one (copying.copy_file: temporary name,
+fsync, rename), so a reader on another host sees each file old or new, never torn. Before each
+publication the sync checks that no newer token has fenced the project store (`Fence`): a host
+whose lease was broken and that wakes up mid-sync publishes nothing more, and what it had not
+synced stays in its deployment (`dbguard recover` lists it).
+
+What the sync has done is written down as it goes (records.LocalState), so a sync killed part
+way leaves every file on the share old or new, and the next one carries on from there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbguard.data.project import Project
+from dbguard.data.store import ProjectStore
+from dbguard.errors import GuardError, share_failure
+from dbguard.stage import copying, records
+from dbguard.stage.records import LocalState
+from dbguard.stage.tree import TEMP_PREFIX, Item, inside, scan
+
+# Small files are copied several at a time: on a network mount each costs round trips, not bytes.
+_SMALL = 8 << 20
+_PARALLEL = 8
+_SAVE_EVERY = 1.0  # seconds between writes of the local state during a long sync
+
+Progress = Callable[[int, int], None]  # bytes done, bytes in all
+
+
+class Fence:
+    """Whether this host may still publish to the project under ``token``: one stat of the next
+    manifest's name per check while nothing new was published (a newer holder's acquire
+    publishes one at once, `ProjectStore.fence`), and ``lease_check``, this host's own view of
+    its lease (raising LeaseLost once its agent knows the lease is gone)."""
+
+    def __init__(self, project: Project, token: int, lease_check: Callable[[], object]) -> None:
+        self.store = ProjectStore(project.path, project.id)
+        self.token = token
+        self._lease_check = lease_check
+        self._lock = threading.Lock()
+        manifest = self.store.latest()
+        self.store.check_token(manifest, token)  # raises Fenced
+        self._generation = manifest.generation
+
+    def check(self) -> None:
+        with self._lock:
+            self._lease_check()
+            if not self.store.manifest_path(self._generation + 1).exists():
+                return
+            manifest = self.store.latest()  # this host's own flush, or a newer holder's fence
+            self.store.check_token(manifest, self.token)
+            self._generation = manifest.generation
+
+
+@dataclass
+class SyncResult:
+    copied: int = 0
+    bytes: int = 0
+    deleted: int = 0
+    links: int = 0
+    recorded_links: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "copied": self.copied,
+            "bytes": self.bytes,
+            "deleted": self.deleted,
+            "links": self.links,
+            "recorded_links": self.recorded_links,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _remove_leftovers(share: Path, state: LocalState) -> None:
+    """The temporary files a sync cut short left in the folders it syncs (never a published
+    name: they all start with TEMP_PREFIX)."""
+    folders = {""} | {path for path, (item, _) in state.synced.items() if item.kind == "dir"}
+    for folder in sorted(folders):
+        directory = inside(share, folder) if folder else share
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(directory):
+                if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+
+
+def pending(state: LocalState) -> tuple[list[str], list[str]]:
+    """What a sync would do now: the paths changed or created in the deployment, and the paths
+    deleted from it, since the last sync."""
+    current = scan(Path(state.dir))
+    synced = state.tree()
+    changed = sorted(p for p, item in current.items() if not item.same_content(synced.get(p)))
+    deleted = sorted(p for p in synced if p not in current)
+    return changed, deleted
+
+
+def sync(
+    cache_root: Path,
+    state: LocalState,
+    lease_check: Callable[[], object],
+    *,
+    progress: Progress | None = None,
+) -> SyncResult:
+    """Carry what changed in ``state.dir`` over to the share (see the module docstring);
+    ``lease_check`` raises once this host's lease is known to be gone (see `Fence`)."""
+    started = time.monotonic()
+    project = Project(state.project, Path(state.path))
+    share, deployment = Path(state.path), Path(state.dir)
+    then = "nothing was lost: the deployment is untouched; fix the share and run `dbguard sync` again"
+    fence = Fence(project, state.token, lease_check)
+    current = scan(deployment)
+    synced = state.synced
+    changed = {p: item for p, item in current.items() if not item.same_content(synced.get(p, (None, 0))[0])}
+    deleted = sorted((p for p in synced if p not in current), key=lambda p: p.count("/"), reverse=True)
+    result = SyncResult()
+    total = sum(item.size for item in changed.values() if item.kind == "file")
+    done = [0]
+    lock = threading.Lock()
+    last_save = [time.monotonic()]
+
+    def note(path: str, item: Item, crc: int) -> None:
+        with lock:
+            synced[path] = (item, crc)
+            if time.monotonic() - last_save[0] >= _SAVE_EVERY:
+                last_save[0] = time.monotonic()
+                records.write_local(cache_root, state)
+
+    def advance(n: int) -> None:
+        if progress is not None:
+            with lock:
+                done[0] += n
+                progress(done[0], total)
+
+    links = records.read_links(share)
+    links_before = dict(links)
+    try:
+        if state.syncing:
+            _remove_leftovers(share, state)
+        state.syncing = True
+        records.write_local(cache_root, state)
+        # A path that changed kind (a file that became a directory) goes first, as a deletion.
+        for path in sorted(changed, key=lambda p: p.count("/")):
+            old = synced.get(path)
+            if old is not None and old[0].kind != changed[path].kind:
+                copying.remove(inside(share, path), old[0], before_publish=fence.check)
+                synced.pop(path)
+        for path in sorted(p for p, item in changed.items() if item.kind == "dir"):
+            copying.make_dir(inside(share, path), changed[path])
+            note(path, changed[path], 0)
+        files = sorted(p for p, item in changed.items() if item.kind == "file")
+
+        def copy(path: str) -> None:
+            item = changed[path]
+            source, target = inside(deployment, path), inside(share, path)
+            try:
+                crc = copying.copy_file(source, target, item, before_publish=fence.check, progress=advance)
+            except FileNotFoundError:
+                if source.exists() or source.is_symlink():
+                    raise
+                return  # deleted from the deployment since the scan: the next sync says so
+            note(path, item, crc)
+            with lock:
+                result.copied += 1
+                result.bytes += item.size
+
+        small = [p for p in files if changed[p].size < _SMALL]
+        large = [p for p in files if changed[p].size >= _SMALL]
+        with concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
+            for future in [pool.submit(copy, p) for p in small]:
+                future.result()
+        for path in large:
+            copy(path)
+        for path in sorted(p for p, item in changed.items() if item.kind == "link"):
+            item = changed[path]
+            target = inside(share, path)
+            if copying.make_link(target, item, before_publish=fence.check):
+                links.pop(path, None)
+            else:  # the share holds no symlinks: keep it in the record, and no stale file there
+                fence.check()
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+                links[path] = item.target
+                result.recorded_links.append(path)
+            note(path, item, 0)
+            result.links += 1
+        for path in deleted:
+            old_item = synced[path][0]
+            copying.remove(inside(share, path), old_item, before_publish=fence.check)
+            links.pop(path, None)
+            with lock:
+                synced.pop(path)
+            result.deleted += 1
+        if links != links_before:
+            fence.check()
+            records.write_links(share, links)
+        if changed or deleted or not records.tree_numbers(share):
+            fence.check()
+            records.publish_tree(share, synced, state.token)
+    except OSError as exc:
+        raise share_failure(share, exc, then) from exc
+    except GuardError:
+        raise
+    else:
+        state.syncing = False
+        state.last_sync = time.time()
+    finally:
+        records.write_local(cache_root, state)
+    result.seconds = time.monotonic() - started
+    return result
