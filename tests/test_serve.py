@@ -282,6 +282,51 @@ def test_a_break_of_the_holders_lease_refuses_workers_and_keeps_its_data_aside(
     assert run_json(head, "ls", ".")["databases"] == []
 
 
+def test_a_holder_that_dies_makes_workers_fail_fast_and_what_it_acknowledged_is_kept(
+    make_host: MakeSimHost,
+) -> None:
+    a = make_host("node-a", "/mnt/a/proj")
+    b = make_host("node-b", "/mnt/b/proj", serve_retry="600")  # the failure must not wait for it
+    holder_serving(a)
+    worker = b.popen_python(
+        textwrap.dedent(
+            f"""
+            import json, time, numpy as np, dbguard
+            acked = 0
+            try:
+                with dbguard.open({str(b.project)!r}, "images", "a", remote=True) as db:
+                    while True:
+                        db.append(np.full((64, 64), acked, np.float32))
+                        acked += 1
+                        if acked == 30:
+                            print("streaming", flush=True)
+            except dbguard.GuardError as exc:
+                print(json.dumps({{"acked": acked, "error": type(exc).__name__, "message": str(exc),
+                                   "at": time.monotonic()}}), flush=True)
+            """
+        )
+    )
+    assert worker.stdout is not None
+    assert worker.stdout.readline().strip() == "streaming"
+    a.crash()
+    crashed_at = time.monotonic()
+    out, err = worker.communicate(timeout=120)
+    assert out, err[-3000:]
+    ended = json.loads(out)
+    # Orphaned once its lease expires: the worker hears so then, not after serve_retry.
+    assert ended["error"] == "LeaseLost" and "orphaned" in ended["message"], ended
+    assert ended["at"] - crashed_at < SERVE_TTL + 15, ended
+    assert run_json(b, "status")["projects"][0]["state"] == "orphaned"
+    # The holder comes back: its agent resumes the lease, and clear puts every acknowledged
+    # record on the share.
+    a.restart()
+    cleared = run_json(a, "clear")
+    assert cleared["flushed"]["records"] >= ended["acked"]
+    records = read_everything(b, remote=False)
+    assert len(records) >= ended["acked"]
+    assert all(r["whole"] and r["value"] == r["index"] for r in records)
+
+
 def test_with_keys_only_authorised_workers_get_through(
     tmp_path: Path, shared: Path, request: pytest.FixtureRequest
 ) -> None:
