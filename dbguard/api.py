@@ -743,28 +743,33 @@ def undeploy(
     project: PathLike = None,
     *,
     force: bool = False,
+    discard: bool = False,
     settings: Settings | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The last sync, a check of every synced file on the share against the checksums taken
     from the deployment, the deployment removed, the lease released. Refuses while processes of
-    this host use the deployment, unless ``force``."""
+    this host use the deployment, unless ``force``. ``discard`` removes a deployment that can no
+    longer sync (its lease lost, its folder gone), with whatever it holds."""
     settings = _settings(settings)
     target = projects.open_project(project)
     cache_root, state = _deployment(settings, target)
     guard = WriterGuard(cache_root, target)
     with flushing.flush_lock(cache_root, target.id):
         try:
-            result = stage_deploy.undeploy(cache_root, target, guard.check, force=force, progress=progress)
+            result = stage_deploy.undeploy(
+                cache_root, target, guard.check, force=force, discard=discard, progress=progress
+            )
         except (Fenced, LeaseLost, LeaseHeld) as exc:
-            raise _fenced(cache_root, state, exc) from exc
+            raise _fenced(cache_root, records.read_local(cache_root, target.id) or state, exc) from exc
     agent = local_agent.running(settings)
     if agent is not None:
         with agent:
             agent.call_ok(AgentOp.UNDEPLOYED, project=target.id)
     result["released"] = False
     if state.state != "fenced":
-        result["released"] = release(target.path, settings=settings)["released"]
+        with contextlib.suppress(LeaseHeld, LeaseLost):  # discarded after the lease was lost
+            result["released"] = release(target.path, settings=settings)["released"]
     return result
 
 

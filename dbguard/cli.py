@@ -323,14 +323,19 @@ def sync(settings: Settings, project: Path | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("project", type=click.Path(path_type=Path), required=False)
-@click.option("--force", is_flag=True, help="Even while processes use the deployment (or it lost its lease).")
+@click.option("--force", is_flag=True, help="Even while processes of this node use the deployment.")
+@click.option(
+    "--discard",
+    is_flag=True,
+    help="Remove a deployment that can no longer sync (lease lost, folder gone), with what it holds.",
+)
 @_json_option
 @_common
-def undeploy(settings: Settings, project: Path | None, force: bool, as_json: bool) -> None:
+def undeploy(settings: Settings, project: Path | None, force: bool, discard: bool, as_json: bool) -> None:
     """The last sync of PROJECT's deployment on this node, a check of every synced file on the
     share, the deployment removed, the lease released."""
     with _progress(as_json, "syncing") as progress:
-        result = api.undeploy(project, force=force, settings=settings, progress=progress)
+        result = api.undeploy(project, force=force, discard=discard, settings=settings, progress=progress)
     synced = result["synced"]
     text = f"undeployed {result['path']}: removed {result['dir']}"
     if synced is not None:

@@ -269,3 +269,44 @@ def test_a_full_share_during_a_sync_is_refused_with_exit_7_and_nothing_is_lost(
             (work / "big.bin").write_bytes(big[: 4 << 20])
             run_json(a, "sync")
             assert tree_of(project) == tree_of(work)
+
+
+def test_a_deployment_folder_made_again_empty_deletes_nothing_and_release_waits_for_undeploy(
+    make_host: MakeSimHost, shared: Path
+) -> None:
+    (shared / "keep").mkdir()
+    (shared / "keep" / "results.star").write_text("data_\n")
+    a = make_host("ws-a", "/mnt/a/proj")
+    run_json(a, "init")
+    run_json(a, "deploy", "--to", WORK)
+    before = tree_of(shared)
+    refused = a.run("release")
+    assert refused.returncode == 8 and "dbguard undeploy" in refused.stderr
+    # A reboot or a scratch cleaner: the folder is there again, empty.
+    work = a.tmp / "work"
+    for path in sorted(work.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    work.rmdir()
+    work.mkdir()
+    refused = a.run("sync")
+    assert refused.returncode == 6 and "not the folder" in refused.stderr, refused.stderr
+    assert tree_of(shared) == before
+    discarded = run_json(a, "undeploy", "--discard")
+    assert discarded["released"] and not work.exists()
+    assert tree_of(shared) == before
+
+
+def test_records_on_the_share_cannot_make_deploy_write_outside_its_folder(
+    make_host: MakeSimHost, shared: Path
+) -> None:
+    (shared / ".dbguard").mkdir()
+    (shared / ".dbguard" / "symlinks.json").write_text(
+        json.dumps({"links": {"x": "/tmp/outside", "x/evil": "/etc/passwd", "../up": "/"}})
+    )
+    a = make_host("ws-a", "/mnt/a/proj")
+    (a.tmp / "outside").mkdir()
+    run_json(a, "init")
+    run_json(a, "deploy", "--to", WORK)
+    assert os.readlink(a.tmp / "work" / "x") == "/tmp/outside"  # a link as recorded, and no more
+    assert list((a.tmp / "outside").iterdir()) == []
+    assert not (a.tmp / "up").exists()

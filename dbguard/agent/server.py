@@ -211,6 +211,7 @@ class Agent:
         self.servers = Servers(cache_dir)
         self._next_serve_check = 0.0
         self._next_sync = time.monotonic() + settings.sync_interval
+        self._syncing: set[str] = set()
 
     def _lock(self) -> int:
         fd = os.open(self.cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -673,14 +674,44 @@ class Agent:
         return {"deployed": False}
 
     def _sync_due(self) -> None:
-        """The periodic sync of deployed projects (stage.sync), fenced like every sync."""
+        """The periodic sync of deployed projects (stage.sync), fenced like every sync, each in
+        a thread of its own: a sync of many gigabytes must not keep this loop from answering
+        local requests (a writer marking its lease dirty waits for them)."""
         now = time.monotonic()
         if now < self._next_sync:
             return
         self._next_sync = now + self.settings.sync_interval
         for lease in self._live_leases():
-            if lease.state == "held" and lease.deployed:
-                self._sync(lease)
+            if lease.state == "held" and lease.deployed and lease.project not in self._syncing:
+                self._syncing.add(lease.project)
+                thread = threading.Thread(
+                    target=self._sync_in_thread, args=(lease,), name="sync", daemon=True
+                )
+                thread.start()
+
+    def _sync_in_thread(self, lease: HeldLease) -> None:
+        try:
+            self._sync(lease)
+        finally:
+            self._syncing.discard(lease.project)
+
+    def _sync_for_hand_over(self, lease: HeldLease) -> bool:
+        """A takeover of a deployed project: everything synced first, or no hand-over."""
+        self._sync(lease)
+        state = records.read_local(self.cache_dir, lease.project)
+        if state is None:
+            return True
+        changed, deleted = syncing.pending(state) if state.state == "deployed" else ([], [])
+        if state.state != "deployed" or changed or deleted:
+            self._notice(
+                lease.project,
+                f"not releasing for the takeover: the deployment {state.dir} could not be synced in full",
+            )
+            return False
+        state.state = "fenced"  # handed over: it syncs no more; recover lists it, with nothing left
+        records.write_local(self.cache_dir, state)
+        lease.deployed = False
+        return True
 
     def _sync(self, lease: HeldLease) -> None:
         try:
@@ -713,15 +744,18 @@ class Agent:
 
     def _fence_deployment(self, lease: HeldLease) -> None:
         """A lost lease's deployment publishes nothing more; `recover` lists what it kept."""
-        state = records.read_local(self.cache_dir, lease.project)
-        if state is not None and state.state != "fenced" and state.token == lease.token:
-            state.state = "fenced"
-            records.write_local(self.cache_dir, state)
-            self._notice(lease.project, f"the deployment {state.dir} is kept; see `dbguard recover`")
+        with flushing.flush_lock(self.cache_dir, lease.project):  # not under a running sync
+            state = records.read_local(self.cache_dir, lease.project)
+            if state is not None and state.state not in ("fenced", "removing") and state.token == lease.token:
+                state.state = "fenced"
+                records.write_local(self.cache_dir, state)
+                self._notice(lease.project, f"the deployment {state.dir} is kept; see `dbguard recover`")
 
     def _hand_over(self, lease: HeldLease) -> None:
         """Another host asked for a takeover: flush, then give the lease up."""
         self._unserve(lease.project)  # no worker writes into what is being flushed
+        if lease.deployed and not self._sync_for_hand_over(lease):
+            return
         if self._flush(lease) is None and self.unflushed(lease.project):
             self._notice(
                 lease.project, "not releasing for the takeover: the flush failed and data is unflushed"
@@ -966,10 +1000,19 @@ class Agent:
             self._save()
 
     def _flush_and_release(self, project_id: str) -> dict[str, Any]:
-        # Workers stop first: what they wrote so far is in the cache, and is flushed below.
-        self._unserve(project_id)
         with self._table_lock:
             lease = self.leases.get(project_id)
+        if lease is not None and lease.deployed and lease.state == "held":
+            # Its folder on this host may hold work the share has not seen: undeploy syncs it,
+            # checks it, and then releases; a plain release would strand it.
+            raise UnflushedData(
+                f"not released: {lease.path} is deployed on this host, and its folder may hold work "
+                f"not synced yet. Run `dbguard undeploy {lease.path}` (last sync, check, release)",
+                project=project_id,
+                unflushed=0,
+            )
+        # Workers stop first: what they wrote so far is in the cache, and is flushed below.
+        self._unserve(project_id)
         if lease is not None and lease.state == "held" and self.unflushed(project_id):
             result = self._flush(lease)
             unflushed = self.unflushed(project_id)

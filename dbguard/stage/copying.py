@@ -120,7 +120,9 @@ def make_link(target: Path, item: Item, *, before_publish: BeforePublish | None 
     return True
 
 
-def make_dir(target: Path, item: Item) -> None:
+def make_dir(target: Path, item: Item, *, before_publish: BeforePublish | None = None) -> None:
+    if before_publish is not None:
+        before_publish()
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         target.unlink()
     target.mkdir(exist_ok=True)

@@ -25,10 +25,17 @@ import psutil  # type: ignore[import-untyped, unused-ignore]  # typed only with 
 
 from dbguard.cache import UnsafeCacheLocation, check_not_network
 from dbguard.data.project import Project
-from dbguard.errors import IntegrityError, ProjectBusy, UnsafeCachePath, UsageError, share_failure
+from dbguard.errors import (
+    IntegrityError,
+    ProjectBusy,
+    UnflushedData,
+    UnsafeCachePath,
+    UsageError,
+    share_failure,
+)
 from dbguard.stage import copying, records
 from dbguard.stage.records import LocalState
-from dbguard.stage.sync import Progress, SyncResult, sync
+from dbguard.stage.sync import Progress, SyncResult, folder_id, pending, sync
 from dbguard.stage.tree import Item, inside, scan
 
 _PARALLEL = 8
@@ -79,11 +86,16 @@ def deploy(
     elif state.state == "fenced":
         raise UsageError(
             f"this host's deployment of {project.path} in {state.dir} lost its lease with work not "
-            "synced: see `dbguard recover`, then `dbguard undeploy --force` to remove it"
+            "synced: see `dbguard recover`, then `dbguard undeploy --discard` to remove it"
         )
+    elif state.state != "deploying":
+        # Deployed already: the folder holds the work, newer than the share. Copying the share
+        # in again would overwrite it.
+        return {"project": project.id, "path": str(share), "dir": str(directory), "files": 0, "bytes": 0}
     state.token = token
     directory.mkdir(exist_ok=True)
     check_local(directory)
+    state.dir_id = state.dir_id or folder_id(directory)
     then = "nothing was changed on the share; run `dbguard deploy` again to carry on"
 
     def record(stage: str) -> None:
@@ -139,10 +151,10 @@ def _copy_in(
         copying.make_dir(inside(directory, path), tree[path])
         state.synced[path] = (tree[path], 0)
     before = state.tree()
-    wanted = sorted(
-        p for p, item in tree.items() if item.kind == "file" and not item.same_content(before.get(p))
-    )
-    for path in sorted(p for p, item in tree.items() if item.kind == "file" and p not in wanted):
+    files = sorted(p for p, item in tree.items() if item.kind == "file")
+    # What an interrupted deploy copied is written down with its CRC: the rest is to copy.
+    wanted = [p for p in files if before.get(p) is None]
+    for path in (p for p in files if p not in set(wanted)):
         advance(tree[path].size)  # copied by the deploy that was interrupted
 
     def copy(path: str) -> None:
@@ -150,7 +162,8 @@ def _copy_in(
         source, target = inside(share, path), inside(directory, path)
         crc = copying.copy_file(source, target, item, progress=advance)
         expected = recorded.get(path)
-        if expected is not None and expected[0].same_content(item) and crc != expected[1]:
+        # By size, not modification time: a share may keep times to the second only.
+        if expected is not None and expected[0].size == item.size and crc != expected[1]:
             # What this host's client served is not what was synced: read past its cache.
             crc = copying.copy_file(source, target, item, uncached=True)
             if crc != expected[1]:
@@ -170,7 +183,11 @@ def _copy_in(
         copy(path)
         records.write_local(cache_root, state)
     for path in sorted(p for p, item in tree.items() if item.kind == "link"):
-        copying.make_link(inside(directory, path), tree[path])
+        try:
+            target = inside(directory, path)
+        except ValueError:
+            continue  # a recorded link under another link: never followed out of the folder
+        copying.make_link(target, tree[path])
         state.synced[path] = (tree[path], 0)
     return len(wanted), sum(tree[p].size for p in wanted)
 
@@ -182,10 +199,14 @@ def target_item(path: Path, item: Item) -> Item:
 
 
 def processes_using(directory: Path) -> list[dict[str, Any]]:
-    """Processes of this host with a file open, or their working directory, inside ``directory``."""
+    """Processes of this host with a file open, or their working directory, inside ``directory``;
+    not this process nor those that started it (a job script that runs undeploy from there)."""
     found = []
     prefix = str(directory.resolve()) + os.sep
+    mine = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
     for process in psutil.process_iter(["pid", "name"]):
+        if process.pid in mine:
+            continue
         try:
             paths = [f.path for f in process.open_files()] + [process.cwd()]
         except (psutil.Error, OSError):
@@ -201,22 +222,24 @@ def undeploy(
     lease_check: Callable[[], object],
     *,
     force: bool = False,
+    discard: bool = False,
     progress: Progress | None = None,
     on_sync: Callable[[SyncResult], None] | None = None,
 ) -> dict[str, Any]:
     """The last sync, the check of every synced file on the share, then DIR removed. The caller
-    releases the lease afterwards."""
+    releases the lease afterwards. ``discard`` removes a deployment that can no longer sync (its
+    lease lost, its folder gone) with whatever it holds."""
     state = records.read_local(cache_root, project.id)
     if state is None:
         raise UsageError(f"{project.path} is not deployed on this host")
     directory = Path(state.dir)
-    if state.state == "fenced" and not force:
+    if state.state == "fenced" and not discard:
         raise UsageError(
             f"this host lost the lease of {project.path} with work in {directory} not synced; it was "
-            "kept (see `dbguard recover`). Copy out what you need, then `dbguard undeploy --force` "
+            "kept (see `dbguard recover`). Copy out what you need, then `dbguard undeploy --discard` "
             "removes it"
         )
-    users = [p for p in processes_using(directory) if p["pid"] != os.getpid()] if directory.exists() else []
+    users = processes_using(directory) if directory.exists() else []
     if users and not force:
         names = ", ".join(f"{u['name']} (pid {u['pid']})" for u in users)
         raise ProjectBusy(
@@ -224,16 +247,35 @@ def undeploy(
             "--force to sync what they wrote so far and undeploy anyway"
         )
     result: dict[str, Any] = {"project": project.id, "path": str(project.path), "dir": str(directory)}
-    if state.state == "deployed":
+    result["synced"], result["checked"] = None, 0
+    if state.state in ("deployed", "removing") and not discard:
+        state.state = "deployed"  # a removal that stopped half-way: sync what is left first
         synced = sync(cache_root, state, lease_check, progress=progress)
         if on_sync is not None:
             on_sync(synced)
         result["synced"] = synced.to_json()
         result["checked"] = _check_share(project.path, state)
-    else:  # an unfinished deploy (nothing of it is newer than the share) or a fenced one
-        result["synced"] = None
-        result["checked"] = 0
-    shutil.rmtree(directory, ignore_errors=False) if directory.exists() else None
+        changed, deleted = pending(state)
+        if changed or deleted:  # written while the check ran: sync and check again
+            raise UnflushedData(
+                f"{directory} changed during undeploy ({len(changed)} files, {len(deleted)} deleted): "
+                "stop what writes there and run `dbguard undeploy` again; nothing was removed",
+                project=str(project.path),
+                unflushed=0,
+            )
+    elif state.state == "deploying" and not discard:
+        pass  # an unfinished deploy: nothing in it is newer than the share
+    # From here the folder goes: a sync must never again take its missing files for deletions.
+    state.state = "removing"
+    records.write_local(cache_root, state)
+    try:
+        if directory.exists():
+            shutil.rmtree(directory)
+    except OSError as exc:
+        raise UsageError(
+            f"could not remove {directory} ({exc.strerror}: {exc.filename}); everything in it is on "
+            "the share. Remove it by hand and run `dbguard undeploy` again"
+        ) from exc
     records.remove_local(cache_root, project.id)
     if state.state != "fenced":
         record = records.read_deployment(project.path)

@@ -79,9 +79,16 @@ def read_deployment(project_dir: Path) -> dict[str, Any] | None:
     }
     if not all(isinstance(data.get(name), kinds) for name, kinds in fields.items()):
         return None
-    if data["state"] not in ("deploying", "deployed"):
-        return None
-    return {name: data[name] for name in fields}
+    if data["state"] not in ("deploying", "deployed") or not 0 <= data["since"] < 1e11:
+        return None  # not a time (nan, 1e300): a hand or a bug wrote it, not dbguard
+    # Printed by status on every host: no control characters from a file anyone may edit.
+    return {name: _printable(data[name]) for name in fields}
+
+
+def _printable(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    return "".join(c if c.isprintable() else "?" for c in value)[:4096]
 
 
 def write_deployment(
@@ -200,6 +207,9 @@ class LocalState:
     # Set while a sync runs: found set, the last sync was cut short and may have left its
     # temporary files on the share, which the next one removes.
     syncing: bool = False
+    # The deployment folder's device and inode: a folder made again empty at the same path (a
+    # reboot, a scratch cleaner) must never be taken for one whose files were all deleted.
+    dir_id: list[int] = field(default_factory=list)
 
     def tree(self) -> Tree:
         return {path: item for path, (item, _) in self.synced.items()}
@@ -213,6 +223,7 @@ class LocalState:
             "state": self.state,
             "last_sync": self.last_sync,
             "syncing": self.syncing,
+            "dir_id": self.dir_id,
             "synced": {path: [*item.to_json(), crc] for path, (item, crc) in self.synced.items()},
         }
 
@@ -240,6 +251,7 @@ def read_local(cache_root: Path, project_id: str) -> LocalState | None:
             synced=synced,
             last_sync=float(data.get("last_sync") or 0.0),
             syncing=bool(data.get("syncing", False)),
+            dir_id=[int(n) for n in data.get("dir_id") or []][:2],
         )
     except (KeyError, TypeError, ValueError):
         return None

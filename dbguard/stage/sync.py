@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from dbguard.data.project import Project
 from dbguard.data.store import ProjectStore
-from dbguard.errors import GuardError, share_failure
+from dbguard.errors import GuardError, IntegrityError, UsageError, share_failure
 from dbguard.stage import copying, records
 from dbguard.stage.records import LocalState
 from dbguard.stage.tree import TEMP_PREFIX, Item, inside, scan
@@ -70,6 +71,7 @@ class SyncResult:
     deleted: int = 0
     links: int = 0
     recorded_links: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # folders deleted here that hold others' files
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, object]:
@@ -79,8 +81,33 @@ class SyncResult:
             "deleted": self.deleted,
             "links": self.links,
             "recorded_links": self.recorded_links,
+            "kept": self.kept,
             "seconds": round(self.seconds, 3),
         }
+
+
+def folder_id(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_dev, info.st_ino]
+
+
+def check_folder(state: LocalState) -> None:
+    """Refuse to sync from a folder that is not the one deployed: missing, or made again at the
+    same path (every file would look deleted, and be deleted on the share)."""
+    deployment = Path(state.dir)
+    try:
+        same = not state.dir_id or folder_id(deployment) == state.dir_id
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise IntegrityError(
+            f"{deployment} is not the folder {state.path} was deployed to (it is missing or was made "
+            "again): nothing was synced, so nothing on the share was deleted. If its work is "
+            "elsewhere, copy it to the share by hand; `dbguard undeploy --discard` then ends the deployment",
+            path=str(deployment),
+        )
+    if state.state == "removing":
+        raise UsageError(f"{deployment} is being removed by undeploy: run `dbguard undeploy` again")
 
 
 def _remove_leftovers(share: Path, state: LocalState) -> None:
@@ -118,12 +145,16 @@ def sync(
     started = time.monotonic()
     project = Project(state.project, Path(state.path))
     share, deployment = Path(state.path), Path(state.dir)
-    then = "nothing was lost: the deployment is untouched; fix the share and run `dbguard sync` again"
+    then = (
+        "nothing was lost: every file on the share is whole (old or new) and the deployment is "
+        "untouched; fix the share and run `dbguard sync` again to finish"
+    )
+    check_folder(state)
     fence = Fence(project, state.token, lease_check)
     current = scan(deployment)
     synced = state.synced
     changed = {p: item for p, item in current.items() if not item.same_content(synced.get(p, (None, 0))[0])}
-    deleted = sorted((p for p in synced if p not in current), key=lambda p: p.count("/"), reverse=True)
+    deleted = [p for p in synced if p not in current]
     result = SyncResult()
     total = sum(item.size for item in changed.values() if item.kind == "file")
     done = [0]
@@ -147,17 +178,28 @@ def sync(
     links_before = dict(links)
     try:
         if state.syncing:
+            fence.check()
             _remove_leftovers(share, state)
         state.syncing = True
         records.write_local(cache_root, state)
-        # A path that changed kind (a file that became a directory) goes first, as a deletion.
-        for path in sorted(changed, key=lambda p: p.count("/")):
-            old = synced.get(path)
-            if old is not None and old[0].kind != changed[path].kind:
-                copying.remove(inside(share, path), old[0], before_publish=fence.check)
-                synced.pop(path)
+        # Deletions first, deepest first: a folder is empty of what we had in it before it goes,
+        # and a path that changed kind (a folder that became a file) is free for its new self.
+        kind_changed = [p for p in changed if p in synced and synced[p][0].kind != changed[p].kind]
+        for path in sorted({*deleted, *kind_changed}, key=lambda p: (p.count("/"), p), reverse=True):
+            old_item = synced[path][0]
+            try:
+                copying.remove(inside(share, path), old_item, before_publish=fence.check)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                result.kept.append(path)  # it holds files this host never had: left as it is
+            links.pop(path, None)
+            with lock:
+                synced.pop(path, None)
+            if path in deleted:
+                result.deleted += 1
         for path in sorted(p for p, item in changed.items() if item.kind == "dir"):
-            copying.make_dir(inside(share, path), changed[path])
+            copying.make_dir(inside(share, path), changed[path], before_publish=fence.check)
             note(path, changed[path], 0)
         files = sorted(p for p, item in changed.items() if item.kind == "file")
 
@@ -195,13 +237,6 @@ def sync(
                 result.recorded_links.append(path)
             note(path, item, 0)
             result.links += 1
-        for path in deleted:
-            old_item = synced[path][0]
-            copying.remove(inside(share, path), old_item, before_publish=fence.check)
-            links.pop(path, None)
-            with lock:
-                synced.pop(path)
-            result.deleted += 1
         if links != links_before:
             fence.check()
             records.write_links(share, links)
@@ -210,6 +245,12 @@ def sync(
             records.publish_tree(share, synced, state.token)
     except OSError as exc:
         raise share_failure(share, exc, then) from exc
+    except ValueError as exc:  # a path of the share under a symbolic link there (`inside`)
+        raise IntegrityError(
+            f"cannot sync into {share}: {exc}. A folder of the deployment is a symbolic link on the "
+            "share: make it a folder there (or a link here), then run `dbguard sync` again",
+            path=str(share),
+        ) from exc
     except GuardError:
         raise
     else:

@@ -93,4 +93,10 @@ def inside(root: Path, relative: str) -> Path:
         raise ValueError(f"{relative!r} is not a path inside the project")
     if parts[0] == OWN:
         raise ValueError(f"{relative!r} is inside dbguard's own folder")
-    return root.joinpath(*parts)
+    path = root.joinpath(*parts)
+    # Never through a symbolic link: a record saying "x -> /home/u" and then "x/.bashrc" would
+    # otherwise write outside the tree. Every folder on the way must be a real folder in it.
+    parent = os.path.realpath(path.parent)
+    if parent != os.path.join(os.path.realpath(root), *parts[:-1]).rstrip(os.sep):
+        raise ValueError(f"{relative!r} lies under a symbolic link or outside the tree")
+    return path
