@@ -53,7 +53,7 @@ def tree_of(root: Path) -> dict[str, str]:
         for name in folders + files:
             path = here / name
             key = str(rel / name) if str(rel) != "." else name
-            if key == ".dbguard":
+            if key in (".dbguard", ".dbguard-deployment"):  # dbguard's own, on either side
                 continue
             if path.is_symlink():
                 found[key] = "-> " + os.readlink(path)
@@ -79,7 +79,7 @@ def tree_seen_by(host: SimHost, path: str) -> dict[str, str]:
             for name in folders + files:
                 p = here / name
                 key = str(rel / name) if str(rel) != "." else name
-                if key == ".dbguard":
+                if key in (".dbguard", ".dbguard-deployment"):  # dbguard's own, on either side
                     continue
                 if p.is_symlink():
                     found[key] = "-> " + os.readlink(p)

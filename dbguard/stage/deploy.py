@@ -35,7 +35,7 @@ from dbguard.errors import (
 )
 from dbguard.stage import copying, records
 from dbguard.stage.records import LocalState
-from dbguard.stage.sync import Progress, SyncResult, folder_id, pending, sync
+from dbguard.stage.sync import Progress, SyncResult, mark_folder, pending, sync
 from dbguard.stage.tree import Item, inside, scan
 
 _PARALLEL = 8
@@ -95,7 +95,7 @@ def deploy(
     state.token = token
     directory.mkdir(exist_ok=True)
     check_local(directory)
-    state.dir_id = state.dir_id or folder_id(directory)
+    mark_folder(directory, state)
     then = "nothing was changed on the share; run `dbguard deploy` again to carry on"
 
     def record(stage: str) -> None:

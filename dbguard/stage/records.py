@@ -207,9 +207,10 @@ class LocalState:
     # Set while a sync runs: found set, the last sync was cut short and may have left its
     # temporary files on the share, which the next one removes.
     syncing: bool = False
-    # The deployment folder's device and inode: a folder made again empty at the same path (a
-    # reboot, a scratch cleaner) must never be taken for one whose files were all deleted.
-    dir_id: list[int] = field(default_factory=list)
+    # What deploy wrote into the folder's marker file (tree.MARKER): a folder made again empty
+    # at the same path (a reboot, a scratch cleaner) has none, and is never taken for one whose
+    # files were all deleted. (Its inode is no proof: a new folder may get the old number.)
+    dir_id: str = ""
 
     def tree(self) -> Tree:
         return {path: item for path, (item, _) in self.synced.items()}
@@ -251,7 +252,7 @@ def read_local(cache_root: Path, project_id: str) -> LocalState | None:
             synced=synced,
             last_sync=float(data.get("last_sync") or 0.0),
             syncing=bool(data.get("syncing", False)),
-            dir_id=[int(n) for n in data.get("dir_id") or []][:2],
+            dir_id=str(data.get("dir_id") or ""),
         )
     except (KeyError, TypeError, ValueError):
         return None

@@ -20,6 +20,7 @@ import errno
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from dbguard.data.store import ProjectStore
 from dbguard.errors import GuardError, IntegrityError, UsageError, share_failure
 from dbguard.stage import copying, records
 from dbguard.stage.records import LocalState
-from dbguard.stage.tree import TEMP_PREFIX, Item, inside, scan
+from dbguard.stage.tree import MARKER, TEMP_PREFIX, Item, inside, scan
 
 # Small files are copied several at a time: on a network mount each costs round trips, not bytes.
 _SMALL = 8 << 20
@@ -86,20 +87,27 @@ class SyncResult:
         }
 
 
-def folder_id(path: Path) -> list[int]:
-    info = path.stat()
-    return [info.st_dev, info.st_ino]
+def mark_folder(path: Path, state: LocalState) -> None:
+    """Write the deployment's marker into its folder (once), and keep its id in the state."""
+    if not state.dir_id:
+        state.dir_id = uuid.uuid4().hex
+    marker = path / MARKER
+    if not marker.exists():
+        marker.write_text(f"{state.dir_id}\ndbguard: this folder is a deployment of {state.path}\n")
+
+
+def _folder_id(path: Path) -> str:
+    try:
+        return (path / MARKER).read_text().split("\n", 1)[0]
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return ""
 
 
 def check_folder(state: LocalState) -> None:
     """Refuse to sync from a folder that is not the one deployed: missing, or made again at the
     same path (every file would look deleted, and be deleted on the share)."""
     deployment = Path(state.dir)
-    try:
-        same = not state.dir_id or folder_id(deployment) == state.dir_id
-    except FileNotFoundError:
-        same = False
-    if not same:
+    if not state.dir_id or _folder_id(deployment) != state.dir_id:
         raise IntegrityError(
             f"{deployment} is not the folder {state.path} was deployed to (it is missing or was made "
             "again): nothing was synced, so nothing on the share was deleted. If its work is "

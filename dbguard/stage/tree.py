@@ -14,6 +14,8 @@ from pathlib import Path
 OWN = ".dbguard"  # dbguard's folder in a project: never deployed, synced or deleted
 # What `sync` writes before a rename on the share; never taken for the project's own files.
 TEMP_PREFIX = ".dbguard-sync-"
+# In a deployment folder: who made it (stage.sync.check_folder). Never synced.
+MARKER = ".dbguard-deployment"
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def scan(root: Path) -> Tree:
 def _walk(root: Path, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
     with os.scandir(root / prefix if prefix else root) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            if not prefix and entry.name == OWN:
+            if not prefix and entry.name in (OWN, MARKER):
                 continue
             if entry.name.startswith(TEMP_PREFIX):
                 continue
