@@ -1,4 +1,5 @@
-"""The benchmark sections peers, scale and memory still run, and `bench.py --write` writes its page.
+"""The benchmark sections (peers, guard, workers, deploy, scale, memory) still run, and
+`bench.py --write` writes its page.
 
 Each section module has a ``TINY`` plan that runs every code path of the section (a real broker,
 agents, mounts and load generators) in seconds; its figures mean nothing, but a section whose
@@ -148,3 +149,42 @@ def test_the_transfer_section_imports_and_exports_against_mrcfile_and_tifffile_i
     _checked("transfer", module, figures)
     assert figures["transfer.images"] == module.TINY.images
     assert all(figures[key] > 0 for key in module.TARGETS)
+
+
+def _section_or_skip(name: str) -> ModuleType:
+    module = bench.load_section(name)
+    why = module.missing()
+    if why is not None:
+        if ON_CI:
+            pytest.fail(f"CI must run the {name} section, but: {why}")
+        pytest.skip(why)
+    return module
+
+
+def test_the_workers_section_measures_every_figure_in_a_tiny_run() -> None:
+    """Simulated hosts, the holder serving fresh projects, workers appending through it and
+    writing HDF5 files on their mounts, the raw TCP stream."""
+    module = _section_or_skip("workers")
+    figures = module.measure(module.TINY)
+    _checked("workers", module, figures)
+    assert all(value > 0 for value in figures.values()), figures
+    assert figures["workers.images_per_worker"] == module.TINY.images
+    for count in module.WORKER_COUNTS:
+        assert f"workers.holder_mib_s_{count}" in figures
+        assert f"workers.hdf5_mount_mib_s_{count}" in figures
+
+
+def test_the_deploy_section_measures_every_figure_in_a_tiny_run() -> None:
+    """deploy, sync and undeploy of fresh projects against rsync -a and cp -a of the same trees,
+    both ways, every copy checked (needs rsync, which tools/test installs)."""
+    module = _section_or_skip("deploy")
+    figures = module.measure(module.TINY)
+    _checked("deploy", module, figures)
+    assert all(value > 0 for value in figures.values()), figures
+    assert figures["deploy.small_files"] == module.TINY.small.files
+    assert figures["deploy.large_files"] == module.TINY.large.files
+    for tree in ("small", "large"):
+        for step in module.STEPS:
+            assert f"deploy.{step}_{tree}_mib_s" in figures
+        for ratio in module.RATIOS:
+            assert f"deploy.{ratio}_{tree}" in figures

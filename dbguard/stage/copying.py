@@ -43,7 +43,7 @@ def copy_file(
     crc = 0
     try:
         with open(temp, "wb", buffering=0) as writer:
-            for chunk in _chunks(source, uncached):
+            for chunk in _chunks(source, uncached, item.size):
                 crc = crc32(chunk, crc)
                 written = 0
                 while written < len(chunk):
@@ -63,7 +63,7 @@ def copy_file(
     return crc
 
 
-def _chunks(source: Path, uncached: bool) -> Iterator[memoryview]:
+def _chunks(source: Path, uncached: bool, size: int = _CHUNK) -> Iterator[memoryview]:
     if uncached:
         from dbguard.data.uncached import UncachedFile
 
@@ -72,7 +72,7 @@ def _chunks(source: Path, uncached: bool) -> Iterator[memoryview]:
             for _, piece in handle.pieces([(0, 1 << 60)]):
                 yield piece
         return
-    buffer = bytearray(_CHUNK)
+    buffer = bytearray(max(4096, min(_CHUNK, size + 1)))  # a small file needs no 4 MiB buffer
     view = memoryview(buffer)
     with open(source, "rb", buffering=0) as reader:
         with contextlib.suppress(OSError, AttributeError):  # advice only

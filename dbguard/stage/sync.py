@@ -56,13 +56,14 @@ class Fence:
         self._generation = manifest.generation
 
     def check(self) -> None:
+        self._lease_check()
+        # The stat outside the lock: eight copying threads must not queue behind one round trip.
+        if not self.store.manifest_path(self._generation + 1).exists():
+            return
         with self._lock:
-            self._lease_check()
-            if not self.store.manifest_path(self._generation + 1).exists():
-                return
             manifest = self.store.latest()  # this host's own flush, or a newer holder's fence
             self.store.check_token(manifest, self.token)
-            self._generation = manifest.generation
+            self._generation = max(self._generation, manifest.generation)
 
 
 @dataclass
