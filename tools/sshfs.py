@@ -19,6 +19,7 @@ also when start-up fails half-way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import re
@@ -96,17 +97,21 @@ def _mount_of(mount_point: Path, mountinfo: str = "/proc/self/mountinfo") -> tup
     target = os.path.realpath(mount_point)
     found: tuple[str, str] | None = None
     try:
-        handle = open(mountinfo)  # noqa: SIM115  # closed by the with below
-    except FileNotFoundError:
-        return None  # the namespace's last process is gone, and its mounts with it
-    with handle:
-        for line in handle:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) < 5 or _unescape_mountinfo(fields[4]) != target:
-                continue
-            fstype, source, *_ = [*right.split(), "", ""]
-            found = (fstype, _unescape_mountinfo(source))  # later lines are mounted on top
+        with open(mountinfo) as handle:
+            lines = handle.readlines()
+    except OSError as exc:
+        # The namespace's last process is gone (ENOENT), or is exiting (a zombie's mountinfo
+        # reads EINVAL): its mounts go with it.
+        if exc.errno in (errno.ENOENT, errno.EINVAL, errno.ESRCH):
+            return None
+        raise
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or _unescape_mountinfo(fields[4]) != target:
+            continue
+        fstype, source, *_ = [*right.split(), "", ""]
+        found = (fstype, _unescape_mountinfo(source))  # later lines are mounted on top
     return found
 
 

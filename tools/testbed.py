@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -353,6 +354,9 @@ class Host(_AgentOnHost):
         self.kill_agent()
 
 
+_MARK = "DBGUARD_TEST_SIMHOST"
+
+
 def _alive(process: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         return process.status() != psutil.STATUS_ZOMBIE
@@ -447,6 +451,10 @@ class SimHost(_AgentOnHost):
             HOME="/tmp/home",
         )
         self.env.update({f"DBGUARD_{key.upper()}": value for key, value in settings.items()})
+        # Every process started for this host carries the mark (see `processes`).
+        self.mark = uuid.uuid4().hex
+        self.env[_MARK] = self.mark
+        self.uts = ""
         self.init: subprocess.Popen[str] | None = None
         self.pid = 0
         self.mount: Mount | None = None
@@ -485,6 +493,7 @@ class SimHost(_AgentOnHost):
                 f"host {self.name} did not start: {self.init.stderr.read() if self.init.stderr else ''}"
             )
         self.pid = int(line)
+        self.uts = os.readlink(f"/proc/{self.pid}/ns/uts")
         key = self.tmp / ".sshfs-key"
         shutil.copyfile(self.server.client_key, key)
         key.chmod(0o600)
@@ -533,15 +542,23 @@ class SimHost(_AgentOnHost):
         return self._popen([*self.enter(), PYTHON, "-c", script])
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this host (those sharing the init's UTS namespace)."""
-        try:
-            mine = os.readlink(f"/proc/{self.pid}/ns/uts")
-        except OSError:
+        """Every process of this host (those sharing the init's UTS namespace). Once the init
+        has ended, its pid may be anyone's and its namespace's number may be reused by another
+        test's host: then only processes in the namespace it had that carry this host's mark in
+        their environment (everything started with its ``env``) count."""
+        init_alive = self.init is not None and self.init.poll() is None
+        mine = self.uts
+        if init_alive:
+            with contextlib.suppress(OSError):
+                mine = os.readlink(f"/proc/{self.pid}/ns/uts")
+        if not mine:
             return []
         found = []
         for process in psutil.process_iter():
             with contextlib.suppress(OSError, psutil.Error):
-                if os.readlink(f"/proc/{process.pid}/ns/uts") == mine:
+                if os.readlink(f"/proc/{process.pid}/ns/uts") != mine:
+                    continue
+                if init_alive or process.environ().get(_MARK) == self.mark:
                     found.append(process)
         return found
 
@@ -559,15 +576,22 @@ class SimHost(_AgentOnHost):
     def crash(self) -> None:
         """SIGKILL every process of the host at once: its agent, writers, sshfs and init."""
         # Again until none is left: a process forked while the first round was listed (an agent
-        # being started, a server of its) would otherwise live on past the crash.
+        # being started, a server of its) would otherwise live on past the crash. The init goes
+        # last: while unshare lives, its child's pid (the namespace's sh, which it has not
+        # reaped) names this host's namespace and no other.
+        init_pids = {self.pid, self.init.pid if self.init is not None else 0}
         for _ in range(10):
-            victims = [p for p in self.processes() if _alive(p)]
+            victims = [p for p in self.processes() if p.pid not in init_pids and _alive(p)]
             if not victims:
                 break
             for process in victims:
                 with contextlib.suppress(psutil.Error):
                     process.kill()
             psutil.wait_procs(victims, timeout=2)
+        if self.init is not None and self.init.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.init.kill()
         if self.init is not None:
             self.init.wait(10)
         self.mount = None
