@@ -271,6 +271,9 @@ class _AgentOnHost:
         )
 
     def agent_pid(self) -> int | None:
+        """The pid of this host's agent, or None. A pid written by an agent that has ended may
+        be anyone's now (another test's command, which `kill_agent` would SIGKILL): it counts
+        only if that process is an agent started for this host (`_ours`)."""
         try:
             text = (self.cache / "agent.lock").read_text().strip()
         except OSError:
@@ -279,10 +282,16 @@ class _AgentOnHost:
             return None
         # Hosts share the pid namespace, so the pid the agent wrote is valid here too.
         try:
-            alive = psutil.Process(int(text)).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
+            process = psutil.Process(int(text))
+            if process.status() == psutil.STATUS_ZOMBIE or "agent" not in process.cmdline():
+                return None
+            return int(text) if self._ours(process) else None
+        except psutil.Error:
             return None
-        return int(text) if alive else None
+
+    def _ours(self, process: psutil.Process) -> bool:
+        """Whether ``process`` was started for this host (an agent is given its cache)."""
+        return bool(process.environ().get("DBGUARD_CACHE") == str(self.cache))
 
     def signal_agent(self, signum: int) -> None:
         pid = self.agent_pid()
@@ -508,6 +517,10 @@ class SimHost(_AgentOnHost):
 
     def enter(self) -> list[str]:
         return ["nsenter", "-t", str(self.pid), "-u", "-m", "--"]
+
+    def _ours(self, process: psutil.Process) -> bool:
+        # Every SimHost's agent uses the same path inside its own /tmp: the mark tells them apart.
+        return bool(process.environ().get(_MARK) == self.mark)
 
     def path(self, inside: str | Path) -> Path:
         """A path of this host as the test process can reach it (through /proc/PID/root)."""
