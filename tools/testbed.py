@@ -363,7 +363,7 @@ class Host(_AgentOnHost):
         self.kill_agent()
 
 
-_MARK = "DBGUARD_TEST_SIMHOST"
+MARK = "DBGUARD_TEST_SIMHOST"  # the environment variable that marks a SimHost's processes
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -462,7 +462,7 @@ class SimHost(_AgentOnHost):
         self.env.update({f"DBGUARD_{key.upper()}": value for key, value in settings.items()})
         # Every process started for this host carries the mark (see `processes`).
         self.mark = uuid.uuid4().hex
-        self.env[_MARK] = self.mark
+        self.env[MARK] = self.mark
         self.uts = ""
         self.init: subprocess.Popen[str] | None = None
         self.pid = 0
@@ -520,7 +520,7 @@ class SimHost(_AgentOnHost):
 
     def _ours(self, process: psutil.Process) -> bool:
         # Every SimHost's agent uses the same path inside its own /tmp: the mark tells them apart.
-        return bool(process.environ().get(_MARK) == self.mark)
+        return bool(process.environ().get(MARK) == self.mark)
 
     def path(self, inside: str | Path) -> Path:
         """A path of this host as the test process can reach it (through /proc/PID/root)."""
@@ -571,7 +571,7 @@ class SimHost(_AgentOnHost):
             with contextlib.suppress(OSError, psutil.Error):
                 if os.readlink(f"/proc/{process.pid}/ns/uts") != mine:
                     continue
-                if init_alive or process.environ().get(_MARK) == self.mark:
+                if init_alive or process.environ().get(MARK) == self.mark:
                     found.append(process)
         return found
 

@@ -457,13 +457,19 @@ class Harness:
 
     def _sweep(self) -> None:
         """Kill, by pid, whatever is left in the namespaces of our hosts: once a host's init is
-        gone, SimHost can no longer find its processes (an sshfs child, say)."""
+        gone, SimHost can no longer find its processes. Only processes that carry one of our
+        hosts' marks: a dead namespace's number is soon another host's (another chaos run's,
+        another test's), and its processes must never be taken for ours."""
+        from tools.testbed import MARK
+
+        marks = {host.mark for host in self.hosts}
         left = []
         for process in psutil.process_iter():
             with contextlib.suppress(OSError, psutil.Error):
                 if (
                     process.pid != os.getpid()
                     and os.readlink(f"/proc/{process.pid}/ns/uts") in self.namespaces
+                    and process.environ().get(MARK) in marks
                 ):
                     left.append(process)
         for process in left:
