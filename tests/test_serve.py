@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
@@ -240,23 +241,21 @@ def test_the_holders_agent_killed_mid_stream_workers_resume_and_nothing_lands_tw
     assert "reclaimed the lease" in a.agent_log() or "reclaimed" in a.run("status").stdout
 
 
-def test_a_break_of_the_holders_lease_refuses_workers_and_keeps_its_data_aside(
-    make_host: MakeSimHost,
-) -> None:
-    a, b = make_host("node-a", "/mnt/a/proj"), make_host("node-b", "/mnt/b/proj")
-    head = make_host("head", "/mnt/h/proj")
-    holder_serving(a)
-    worker = b.popen_python(
+def streaming_worker(b: SimHost, *, side: int, streaming_after: int) -> subprocess.Popen[str]:
+    """A worker on ``b`` appending through the holder until refused: it prints "streaming" after
+    ``streaming_after`` acknowledged appends, then, when refused, how many were acknowledged,
+    the error's class and message, and when."""
+    return b.popen_python(
         textwrap.dedent(
             f"""
-            import json, sys, time, numpy as np, dbguard
+            import json, time, numpy as np, dbguard
             acked = 0
             try:
                 with dbguard.open({str(b.project)!r}, "images", "a", remote=True) as db:
                     while True:
-                        db.append(np.full((128, 128), acked, np.float32))
+                        db.append(np.full(({side}, {side}), acked, np.float32))
                         acked += 1
-                        if acked == 50:
+                        if acked == {streaming_after}:
                             print("streaming", flush=True)
             except dbguard.GuardError as exc:
                 print(json.dumps({{"acked": acked, "error": type(exc).__name__, "message": str(exc),
@@ -264,6 +263,15 @@ def test_a_break_of_the_holders_lease_refuses_workers_and_keeps_its_data_aside(
             """
         )
     )
+
+
+def test_a_break_of_the_holders_lease_refuses_workers_and_keeps_its_data_aside(
+    make_host: MakeSimHost,
+) -> None:
+    a, b = make_host("node-a", "/mnt/a/proj"), make_host("node-b", "/mnt/b/proj")
+    head = make_host("head", "/mnt/h/proj")
+    holder_serving(a)
+    worker = streaming_worker(b, side=128, streaming_after=50)
     assert worker.stdout is not None
     assert worker.stdout.readline().strip() == "streaming"
     broke = run_json(head, "break", ".", "--force")
@@ -288,24 +296,7 @@ def test_a_holder_that_dies_makes_workers_fail_fast_and_what_it_acknowledged_is_
     a = make_host("node-a", "/mnt/a/proj")
     b = make_host("node-b", "/mnt/b/proj", serve_retry="600")  # the failure must not wait for it
     holder_serving(a)
-    worker = b.popen_python(
-        textwrap.dedent(
-            f"""
-            import json, time, numpy as np, dbguard
-            acked = 0
-            try:
-                with dbguard.open({str(b.project)!r}, "images", "a", remote=True) as db:
-                    while True:
-                        db.append(np.full((64, 64), acked, np.float32))
-                        acked += 1
-                        if acked == 30:
-                            print("streaming", flush=True)
-            except dbguard.GuardError as exc:
-                print(json.dumps({{"acked": acked, "error": type(exc).__name__, "message": str(exc),
-                                   "at": time.monotonic()}}), flush=True)
-            """
-        )
-    )
+    worker = streaming_worker(b, side=64, streaming_after=30)
     assert worker.stdout is not None
     assert worker.stdout.readline().strip() == "streaming"
     a.crash()
