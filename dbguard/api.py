@@ -275,12 +275,33 @@ def status(project: PathLike = None, *, settings: Settings | None = None) -> Sta
 
 
 @cache_errors_translated
+def log(
+    project: PathLike = None,
+    *,
+    since: float = 0.0,
+    limit: int = 1000,
+    settings: Settings | None = None,
+) -> list[dict[str, Any]]:
+    """What happened to a project (to every project the lease service knows, when there is no
+    project here or given): its history events since ``since`` (wall-clock seconds), oldest
+    first, at most ``limit`` of them, the newest (dbguard.lease.history)."""
+    settings = _settings(settings)
+    target = projects.open_project(project) if project is not None or projects.find_root(Path.cwd()) else None
+    with for_broker(settings) as broker:
+        reply = broker.send_ok(
+            requests.History(target.id if target is not None else None, since=float(since), limit=int(limit))
+        )
+    return list(reply["events"])
+
+
+@cache_errors_translated
 def break_lease(project: PathLike, *, settings: Settings | None = None) -> dict[str, Any]:
     """Free a project whatever holds it; returns what may be stranded on the former holder."""
     settings = _settings(settings)
     target = projects.open_project(project)
+    operator = f"{settings.user}@{settings.host}"
     with for_broker(settings) as broker:
-        reply = broker.send_ok(requests.Break(target.id, force=True))
+        reply = broker.send_ok(requests.Break(target.id, force=True, operator=operator))
     return {"project": target.id, "path": str(target.path), "broken": reply["broken"]}
 
 
@@ -306,6 +327,16 @@ def _mark_clean(settings: Settings, target: projects.Project) -> None:
         return
     with agent, contextlib.suppress(GuardError):
         agent.call_ok(AgentOp.SETTLE, project=target.id)
+
+
+def _report(settings: Settings, target: projects.Project, token: int, event: str, **fields: Any) -> None:
+    """Have the agent add an event to the project's history at the lease service. Best effort:
+    the history is for people, and a flush that worked must not fail for want of it."""
+    agent = local_agent.running(settings)
+    if agent is None:
+        return
+    with agent, contextlib.suppress(GuardError):
+        agent.call_ok(AgentOp.REPORT, project=target.id, token=token, event=event, **fields)
 
 
 @cache_errors_translated
@@ -350,8 +381,25 @@ def flush(
             )
         return {"project": target.id, "records": 0, "bytes": 0, "generation": None}
     writer = {"host": settings.host, "user": settings.user}
-    result = flushing.flush_project(cache_root, target, int(lease["token"]), writer=writer, progress=progress)
+    token = int(lease["token"])
+    started = time.monotonic()
+    try:
+        result = flushing.flush_project(cache_root, target, token, writer=writer, progress=progress)
+    except Fenced as exc:
+        _report(settings, target, token, "fence-refused", detail=str(exc)[:500])
+        raise
     _mark_clean(settings, target)
+    if result.records:
+        _report(
+            settings,
+            target,
+            token,
+            "flushed",
+            records=result.records,
+            bytes=result.bytes,
+            seconds=time.monotonic() - started,
+            detail=f"generation {result.generation}",
+        )
     return {
         "project": target.id,
         "records": result.records,

@@ -25,13 +25,13 @@ from dbguard.errors import (
     UsageError,
     from_cache_error,
 )
-from dbguard.lease import servers
+from dbguard.lease import history, servers
 from dbguard.lease.keys import authorize, broker_keys, exposure_warning, init_broker, init_client, is_loopback
 from dbguard.lease.protocol import AgentOp
 from dbguard.lease.rules import Timing
 from dbguard.results import ProjectStatus, QueuePlace, Status
 from dbguard.settings import Settings, load
-from dbguard.units import human_size
+from dbguard.units import human_size, parse_since
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -183,21 +183,57 @@ def up(settings: Settings, as_json: bool, use_etcd: bool) -> None:
     client = local_agent.connect(settings)
     with client:
         agent_info = client.call_ok(AgentOp.HELLO)
+    page = None
+    if settings.web != "off":
+        from dbguard.web import server as web_server
+
+        page, _ = web_server.start_detached(settings, settings.web)
     data = {
         "broker": settings.broker,
         "backend": what,
         "started": started,
         "state": str(settings.state),
         "agent": {k: agent_info[k] for k in ("host", "user", "pid", "cache")},
+        "page": page,
     }
     how = "started" if started else "already running"
     who = f"{agent_info['user']}@{agent_info['host']}"
     text = (
         f"{what:<7} {settings.broker} ({how}; state in {settings.state})\n"
         f"agent   {who} pid {agent_info['pid']}, cache {agent_info['cache']}\n"
-        f"export DBGUARD_BROKER={settings.broker}"
+        + (f"page    {page}  (the status page: open it in a browser)\n" if page else "")
+        + f"export DBGUARD_BROKER={settings.broker}"
     )
     _emit(as_json, data, text)
+
+
+@main.command()
+@click.option(
+    "--address",
+    metavar="HOST:PORT",
+    help="Where to serve the page (default: the web setting, else 127.0.0.1:8470). Beyond loopback "
+    "it asks for a token, printed with its address.",
+)
+@click.option("--token", help="The token the page asks for (default: none on loopback, else made once).")
+@click.option("--url-file", type=click.Path(path_type=Path), hidden=True)
+@_common
+def web(settings: Settings, address: str | None, token: str | None, url_file: Path | None) -> None:
+    """Serve the site's status page and /metrics until Ctrl-C: every project, who writes it,
+    what is orphaned and stranded, who waits, and each project's history."""
+    from dbguard.web import server as web_server
+
+    if address is None:
+        address = settings.web if settings.web not in ("off", "127.0.0.1:0") else "127.0.0.1:8470"
+
+    def ready(url: str) -> None:
+        if url_file is not None:
+            temp = url_file.with_name(url_file.name + ".tmp")
+            temp.write_text(url + "\n")
+            temp.replace(url_file)
+        else:
+            click.echo(f"status page: {url}  (metrics at /metrics; Ctrl-C stops it)")
+
+    web_server.serve(settings, address, token=token, on_ready=ready)
 
 
 @main.command()
@@ -205,7 +241,10 @@ def up(settings: Settings, as_json: bool, use_etcd: bool) -> None:
 @_common
 def down(settings: Settings, as_json: bool) -> None:
     """Stop this machine's agent and the broker or etcd cluster that `dbguard up` started."""
+    from dbguard.web import server as web_server
+
     stopped = ["agent"] if local_agent.shut_down(settings) else []
+    stopped += ["page"] if web_server.stop(settings) else []
     stopped += servers.stop(settings)
     _emit(
         as_json,
@@ -568,6 +607,45 @@ def _status_text(result: Status) -> str:
             "anyone who can reach it can take or break leases; set up keys (`dbguard keys --help`)"
         )
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("project", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--since",
+    "since_text",
+    metavar="TIME",
+    help="Only events since TIME: a span back from now (30m, 2h, 3d), a date or date and time "
+    "(2026-12-02, 2026-12-02T18:30) or seconds since the epoch.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=1000,
+    show_default=True,
+    help="At most this many, the newest.",
+)
+@_json_option
+@_common
+def log(settings: Settings, project: Path | None, since_text: str | None, limit: int, as_json: bool) -> None:
+    """What happened to PROJECT (or to every project, outside one): grants, releases,
+    expiries, orphanings, takeovers, breaks, flushes and fence refusals, oldest first."""
+    since = 0.0
+    if since_text is not None:
+        try:
+            since = parse_since(since_text, time.time())
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--since") from None
+    events = api.log(project, since=since, limit=limit, settings=settings)
+    text = "\n".join(_event_line(event, project is None) for event in events) or "no events"
+    _emit(as_json, events, text)
+
+
+def _event_line(event: dict[str, Any], every_project: bool) -> str:
+    line = history.describe(event)
+    if every_project:
+        line += f"  [{event.get('path') or event.get('project')}]"
+    return line
 
 
 @main.command(name="break")

@@ -99,6 +99,7 @@ class Writer:
     # Where it serves the project to workers (`dbguard serve`), and its server's CURVE key.
     serve: str | None = None
     serve_key: str | None = None
+    path: str | None = None  # the project directory as the writer's host sees it
 
     def doing(self) -> str:
         """ "job 12345 (relion_refine) of ann on node7", or "ann on node7"."""
@@ -130,6 +131,7 @@ def _writer(fields: dict[str, Any]) -> Writer:
         job=fields.get("job"),
         serve=fields.get("serve"),
         serve_key=fields.get("serve_key"),
+        path=fields.get("path"),
     )
 
 

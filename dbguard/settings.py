@@ -55,6 +55,8 @@ class Settings:
     remote: bool = False
     serve_retry: float = 120.0  # seconds a worker waits for a holder that still holds the lease to answer
     sync_interval: float = 300.0  # seconds between the agent's syncs of a deployed project folder
+    # Where `dbguard up` serves the status page (HOST:PORT; port 0: any free one), or "off".
+    web: str = "127.0.0.1:0"
 
     @property
     def effective_grace(self) -> float:
@@ -147,6 +149,13 @@ def _convert(name: str, value: Any, origin: str) -> Any:
             raise UsageError(
                 f"{origin}: broker address {value!r} must look like tcp://host:port with a host and a "
                 f"port from 1 to 65535, such as tcp://broker-host:{DEFAULT_PORT}"
+            )
+    if name == "web" and value != "off":
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise UsageError(
+                f"{origin}: 'web' must be HOST:PORT for the status page (port 0: any free port), "
+                f"such as 127.0.0.1:8470, or off; not {value!r}"
             )
     if name == "broker" and value.startswith("ipc://") and len(value) == len("ipc://"):
         raise UsageError(f"{origin}: broker address {value!r} names no socket path (ipc:///path/to/socket)")

@@ -16,6 +16,7 @@ restarted after a crash reclaims them, and writing processes check them there (a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -49,6 +50,7 @@ from dbguard.errors import (
     LeaseHeld,
     LeaseLost,
     UnflushedData,
+    UsageError,
     cache_disk_full,
     from_cache_error,
     share_failure,
@@ -212,6 +214,10 @@ class Agent:
         self._next_serve_check = 0.0
         self._next_sync = time.monotonic() + settings.sync_interval
         self._syncing: set[str] = set()
+        # History events for the lease service (flushes, fence refusals, deployments), sent by
+        # the main loop, which owns self.broker: sync threads and local requests only queue them.
+        self._reports: collections.deque[tuple[float, requests.Report]] = collections.deque(maxlen=1000)
+        self._next_report = 0.0
 
     def _lock(self) -> int:
         fd = os.open(self.cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -249,6 +255,7 @@ class Agent:
                     self._settle_clean,
                     self._keep_serving,
                     self._sync_due,
+                    self._send_reports,
                 ):
                     self._carry_on(step)
         finally:
@@ -455,6 +462,7 @@ class Agent:
                     self._flush(lease)
 
     def _flush(self, lease: HeldLease) -> FlushResult | None:
+        started = time.monotonic()
         try:
             result = flushing.flush_project(
                 self.cache_dir, lease.as_project(), lease.token, writer=self._writer()
@@ -463,6 +471,7 @@ class Agent:
             with self._table_lock:
                 lease.state, lease.reason = "lost", "a newer writer's token fenced this host's flush"
             self._notice(lease.project, f"flush refused, data kept aside: {exc}")
+            self._report(lease.project, lease.token, "fence-refused", detail=str(exc)[:500])
             self._save()
             return None
         except (GuardError, CacheError) as exc:
@@ -485,7 +494,62 @@ class Agent:
                 result.bytes,
                 result.generation,
             )
+            self._report(
+                lease.project,
+                lease.token,
+                "flushed",
+                records=result.records,
+                bytes=result.bytes,
+                seconds=time.monotonic() - started,
+                detail=f"generation {result.generation}",
+            )
         return result
+
+    # ----------------------------------------------------------------- history
+
+    def _report(self, project_id: str, token: int, event: str, **fields: Any) -> None:
+        """Queue an event of this host for the project's history at the lease service."""
+        self._reports.append(
+            (time.monotonic(), requests.Report(project_id, self.holder, token, event, **fields))
+        )
+
+    def _report_for(self, request: dict[str, Any]) -> None:
+        """A local process reports an event of a project (a flush it ran, a flush refused by
+        the fencing token), checked field by field: the lease service refuses wrong types."""
+        event = request.get("event")
+        if event not in protocol.REPORTED_EVENTS:
+            raise UsageError(f"cannot report {event!r}: one of {', '.join(sorted(protocol.REPORTED_EVENTS))}")
+        fields: dict[str, Any] = {}
+        for name in ("records", "bytes"):
+            value = request.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+                fields[name] = value
+        seconds = request.get("seconds")
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and 0 <= seconds < 1e9:
+            fields["seconds"] = float(seconds)
+        detail = request.get("detail")
+        if isinstance(detail, str) and detail:
+            fields["detail"] = detail[:500]
+        self._report(_project_id(request), int(request["token"]), str(event), **fields)
+
+    def _send_reports(self) -> None:
+        """Send the queued reports. History is for people: a report the lease service cannot
+        take now is tried again later, and dropped after ten minutes rather than hold anything up."""
+        now = time.monotonic()
+        if not self._reports or now < self._next_report:
+            return
+        while self._reports:
+            queued, report = self._reports[0]
+            if now - queued > 600:
+                self._reports.popleft()
+                continue
+            try:
+                self.broker.send_ok(report)
+            except GuardError as exc:
+                log.info("cannot report %s of %s yet: %s", report.event, report.project, exc)
+                self._next_report = now + 10.0
+                return
+            self._reports.popleft()
 
     # ---------------------------------------------------------- dirty marks
 
@@ -662,6 +726,7 @@ class Agent:
             lease = self.leases[project_id]
             lease.deployed = True
         self._save()
+        self._report(project_id, token, "deployed")
         return {"deployed": True}
 
     def _undeployed(self, project_id: str) -> dict[str, Any]:
@@ -671,6 +736,8 @@ class Agent:
                 lease.deployed = False
                 lease.settle_after = 0.0
         self._save()
+        if lease is not None:
+            self._report(project_id, lease.token, "undeployed")
         return {"deployed": False}
 
     def _sync_due(self) -> None:
@@ -725,8 +792,19 @@ class Agent:
                     state.state = "fenced"
                     records.write_local(self.cache_dir, state)
                     self._notice(lease.project, f"sync refused, the deployment {state.dir} is kept: {exc}")
+                    if isinstance(exc, Fenced):
+                        self._report(lease.project, lease.token, "fence-refused", detail=str(exc)[:500])
                     return
             if result.copied or result.deleted:
+                self._report(
+                    lease.project,
+                    lease.token,
+                    "synced",
+                    records=result.copied,
+                    bytes=result.bytes,
+                    seconds=result.seconds,
+                    detail=f"{result.copied} files copied, {result.deleted} deleted",
+                )
                 log.info(
                     "%s: synced %d files (%d bytes), %d deleted",
                     lease.project,
@@ -847,6 +925,9 @@ class Agent:
                 )
             if op == AgentOp.UNDEPLOYED:
                 return protocol.reply_ok(req_id, **self._undeployed(_project_id(request)))
+            if op == AgentOp.REPORT:
+                self._report_for(request)
+                return protocol.reply_ok(req_id)
             if op == AgentOp.LEASES:
                 with self._table_lock:
                     leases = [lease.public() for lease in self.leases.values()]
@@ -897,6 +978,8 @@ class Agent:
                 floor=token_floor(project),
                 unflushed=unflushed,
                 dirty=unflushed > 0 or self._announced(project.id),
+                # For people reading status, the log and the status page (the service keys by id).
+                path=str(project.path).encode(errors="replace").decode(),
                 **(work or {}),
             )
         )

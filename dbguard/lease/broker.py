@@ -22,7 +22,7 @@ from zmq.auth.base import Authenticator
 from zmq.auth.thread import ThreadAuthenticator
 
 from dbguard.errors import GuardError, IntegrityError
-from dbguard.lease import protocol, requests
+from dbguard.lease import history, protocol, requests
 from dbguard.lease.keys import AcceptKnownKeys, BrokerKeys, is_loopback
 from dbguard.lease.protocol import ErrorKind, ProtocolError
 from dbguard.lease.rules import Decision, Holder, LeaseState, LeaseTable, Timing
@@ -67,6 +67,9 @@ class Broker:
         self._replies: OrderedDict[str, bytes] = OrderedDict()
         # Counters for operators and benchmarks: syncs per grant shows the group commit at work.
         self.stats = {"requests": 0, "batches": 0, "syncs": 0, "grants": 0}
+        # How long grants and renewals take from arrival to reply, the disk sync included
+        # (the status page's /metrics shows them as histograms).
+        self.latency = {"grant": LatencyBuckets(), "renew": LatencyBuckets()}
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -157,6 +160,7 @@ class Broker:
 
     def _serve_batch(self) -> None:
         outgoing: list[list[bytes]] = []
+        timed: list[tuple[str, float]] = []  # (grant or renew, when it arrived)
         for _ in range(_BATCH):
             # Asking the socket is cheaper than the zmq.Again exception that would end each batch.
             if not int(self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
@@ -173,7 +177,11 @@ class Broker:
             if len(frames) < 2:
                 continue
             envelope, payload = frames[:-1], frames[-1]
-            outgoing.append([*envelope, self._answer(payload, principal)])
+            arrived = time.monotonic()
+            reply, kind = self._answer(payload, principal)
+            outgoing.append([*envelope, reply])
+            if kind:
+                timed.append((kind, arrived))
         self.stats["batches"] += 1
         self.stats["requests"] += len(outgoing)
         self._persist()
@@ -182,25 +190,29 @@ class Broker:
                 self._socket.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # the peer is gone or not reading; it will retry
                 log.debug("reply dropped: %s", exc)
+        replied = time.monotonic()
+        for kind, arrived in timed:
+            self.latency[kind].observe(replied - arrived)
 
     def _persist(self) -> None:
         records, must_sync = self.table.take_changes()
         # A failure here is not caught: the table in memory is ahead of the disk, and the only
         # safe way on is to stop and let a restart reload what is durable.
-        self.store.save(records, sync=must_sync)
+        self.store.save(records, sync=must_sync, events=self.table.take_events())
         self.stats["syncs"] += must_sync
 
     # -------------------------------------------------------------- requests
 
-    def _answer(self, payload: bytes, principal: str = "") -> bytes:
+    def _answer(self, payload: bytes, principal: str = "") -> tuple[bytes, str | None]:
+        """The encoded reply, and "grant" or "renew" when its latency is measured."""
         try:
             req_id, request = requests.decode(payload)
         except ProtocolError as exc:
             req_id = _loose_id(payload)
-            return protocol.encode(protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, str(exc)))
+            return protocol.encode(protocol.reply_error(req_id, ErrorKind.BAD_REQUEST, str(exc))), None
         cached = self._replies.get(req_id)
         if cached is not None:
-            return cached
+            return cached, None
         try:
             reply = self._dispatch(req_id, request, principal)
         except GuardError as exc:  # each class says how it travels (dbguard.errors)
@@ -214,7 +226,16 @@ class Broker:
         self._replies[req_id] = encoded
         if len(self._replies) > _REPLY_CACHE_SIZE:
             self._replies.popitem(last=False)
-        return encoded
+        kind = None
+        if isinstance(request, requests.Renew):
+            kind = "renew"
+        elif (
+            isinstance(request, requests.Acquire)
+            and reply.get("status") == "granted"
+            and reply.get("mode") == "write"
+        ):
+            kind = "grant"
+        return encoded, kind
 
     def _dispatch(self, req_id: str, request: requests.Request, principal: str = "") -> dict[str, Any]:
         now, wall = time.monotonic(), time.time()
@@ -230,6 +251,7 @@ class Broker:
                     version=protocol.VERSION,
                     projects=len(table.projects),
                     stats=self.stats,
+                    latency={name: buckets.to_json() for name, buckets in self.latency.items()},
                     authenticated=self.keys is not None,
                     exposed=self.exposed,
                 )
@@ -237,6 +259,31 @@ class Broker:
                 return protocol.reply_ok(req_id, projects=table.status_all(now, wall))
             case requests.Status(project=str(project)):
                 return protocol.reply_ok(req_id, projects=[table.status(project, now, wall)])
+            case requests.History():
+                # Expiries due by now are events too.
+                if request.project is None:
+                    table.status_all(now, wall)
+                else:
+                    table.status(request.project, now, wall)
+                self._persist()  # and so are this batch's earlier requests'
+                limit = min(request.limit, history.MAX_LIMIT)
+                return protocol.reply_ok(
+                    req_id, events=self.store.history(request.project, request.since, limit)
+                )
+            case requests.Report():
+                holder = self._authenticated(request.holder, principal)
+                fields = {"bytes": request.bytes, "records": request.records, "seconds": request.seconds}
+                table.report(
+                    request.project,
+                    holder,
+                    request.token,
+                    request.event,
+                    now,
+                    wall,
+                    detail=request.detail,
+                    **fields,
+                )
+                return protocol.reply_ok(req_id)
             case requests.Break():
                 return self._break(req_id, request, principal, now, wall)
             case requests.Acquire():
@@ -318,10 +365,31 @@ class Broker:
                 "breaking a lease needs an operator key: run this with DBGUARD_KEYS holding a key the "
                 "broker's operators/ directory lists (`dbguard keys authorize --operator`)",
             )
-        decision = self.table.break_lease(request.project, now, wall)
+        by = request.operator or (f"key {principal[:8]}" if principal else None)
+        decision = self.table.break_lease(request.project, now, wall, by=by)
         if decision.fields["broken"]:
             log.warning("lease of %s broken by operator: %s", request.project, decision.fields["broken"])
         return protocol.reply_ok(req_id, **decision.fields)
+
+
+class LatencyBuckets:
+    """Cumulative counts of durations per upper bound, as a Prometheus histogram keeps them."""
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last: +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        for index, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.counts[index] += 1
+        self.counts[-1] += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bounds": list(self.BOUNDS), "counts": list(self.counts), "sum": self.total}
 
 
 def _reply_for(req_id: str, decision: Decision) -> dict[str, Any]:

@@ -21,6 +21,8 @@ etcd is the authority, and every rule is a transaction that compares what the cl
   waiter's polls renew, served in create-revision order with takeover requests first.
 - ``p/<project>/readers/<holder>``, ``p/<project>/meta`` (offset and last token) and
   ``p/<project>/loss`` (why the last holder lost the lease) complete the picture.
+- ``h/<project>/<id>`` are the project's history events (dbguard.lease.history), each written
+  in the transaction that made it happen and ordered by its create revision.
 
 A broker restart has no etcd counterpart (etcd keeps its leases across a leader change), so
 there is no grace period. CURVE keys do not apply: an etcd site secures etcd itself (TLS, RBAC).
@@ -32,9 +34,11 @@ import base64
 import contextlib
 import json
 import math
+import random
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,7 +47,7 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
 from dbguard.errors import BrokerUnavailable, GuardError, UsageError
-from dbguard.lease import protocol, requests
+from dbguard.lease import history, protocol, requests
 from dbguard.lease.client import error_from_reply  # the broker client's mapping of error replies
 from dbguard.lease.protocol import ErrorKind, ProtocolError
 from dbguard.lease.rules import Holder, LeaseState, RenewItem, work_fields
@@ -442,7 +446,7 @@ class EtcdLeases:
             case requests.Break(force=False):
                 return protocol.reply_error(req_id, ErrorKind.USAGE, "break needs force=true")
             case requests.Break():
-                return protocol.reply_ok(req_id, broken=self._break(request.project))
+                return protocol.reply_ok(req_id, broken=self._break(request.project, request.operator))
             case requests.Acquire():
                 return self._acquire(req_id, request)
             case requests.Renew():
@@ -457,6 +461,12 @@ class EtcdLeases:
                 return self._mark(req_id, request)
             case requests.Serve():
                 return self._serve(req_id, request)
+            case requests.Report():
+                self._report(request)
+                return protocol.reply_ok(req_id)
+            case requests.History():
+                limit = min(request.limit, history.MAX_LIMIT)
+                return protocol.reply_ok(req_id, events=self._history(request.project, request.since, limit))
         raise AssertionError(f"no dispatch for {request!r}")  # requests.decode knows every op
 
     # --------------------------------------------------------------- timing
@@ -593,6 +603,13 @@ class EtcdLeases:
         success = [
             _put(keys["writer"], {**record, "expired": True, "lapsed_at": lapsed_at, "takeover_by": None}),
             _put(keys["loss"], loss),
+            self._event(
+                view,
+                "orphaned" if orphaned else "expired",
+                lapsed_at,
+                record,
+                unflushed=loss["unflushed"] or None,
+            ),
         ]
         if not orphaned:
             delay, _ = self.transport.grant(max(1, math.ceil(self.timing[1])))
@@ -678,15 +695,22 @@ class EtcdLeases:
             "takeover_by": None,
             "work": work,
         }
+        took_over = any(w.takeover and w.holder.key == holder.key for w in view.queue)
+        # The token is not known before the transaction commits: the event names it "granted"
+        # with the token to come, written under the same revision (see _history).
         success = [
             _put(keys["writer"], record),
             _put(keys["alive"], {"holder": holder.key}, lease=session),
             _put(keys["meta"], meta),
             _delete(self._project_prefix(view.project) + "queue/" + holder.key),
+            self._event(
+                view, "granted", since, record, token=None, offset=offset, takeover=took_over or None
+            ),
         ]
         reply = self.transport.txn(compare, success)
         if not reply.get("succeeded"):
             return None
+        self._maybe_trim(view.project)
         # One transaction is one revision: the writer record was created at this one.
         token = int(reply["header"]["revision"]) + offset
         return self._lease_fields(view.project, token, since, ttl, None)
@@ -751,22 +775,31 @@ class EtcdLeases:
         ]
         if lapsed:
             success.append(_delete(keys["loss"]))
+            success.append(self._event(view, "resumed", time.time(), fresh))
         reply = self.transport.txn([_unchanged(keys["writer"], view.writer.mod_revision)], success)
         return bool(reply.get("succeeded"))
 
-    def _retire(self, view: _View, reason: str) -> bool:
+    def _retire(self, view: _View, reason: str, by: str | None = None) -> bool:
         """End the recorded writer lease (released, expired or broken) in one transaction."""
         assert view.writer is not None
         keys = self._keys(view)
         token = view.token
+        record = view.writer.value
         success = [
             _delete(keys["writer"]),
             _delete(keys["alive"]),
             _delete(keys["delay"]),
             _put(keys["meta"], {"offset": view.offset, "last_token": token}),
         ]
+        if reason == "released":
+            success.append(self._event(view, "released", time.time(), record))
+        elif reason == "broken":
+            unflushed = int(record.get("unflushed", 0)) or None
+            success.append(self._event(view, "broken", time.time(), record, by=by, unflushed=unflushed))
+        else:  # a lock-delay that ended; etcd timed it from the lapse
+            ended = float(record.get("lapsed_at") or time.time()) + self.timing[1]
+            success.append(self._event(view, "lock-delay-ended", min(ended, time.time()), record))
         if reason != "released":
-            record = view.writer.value
             loss = {
                 "holder": Holder.from_json(record["holder"]).key,
                 "token": token,
@@ -786,7 +819,12 @@ class EtcdLeases:
                 _unchanged(keys["writer"], view.writer.mod_revision),
                 {**_absent(keys["alive"]), "result": "GREATER"},
             ],
-            [_put(keys["writer"], {**view.writer.value, "takeover_by": holder.key})],
+            [
+                _put(keys["writer"], {**view.writer.value, "takeover_by": holder.key}),
+                self._event(
+                    view, "takeover-asked", time.time(), view.writer.value, by=f"{holder.user}@{holder.host}"
+                ),
+            ],
         )
         return bool(reply.get("succeeded"))
 
@@ -984,7 +1022,7 @@ class EtcdLeases:
             success.append(_put(base + "writer", {**view.writer.value, "takeover_by": None}))
         self.transport.txn(compare, success, [_delete(base + "queue/" + holder.key)])
 
-    def _break(self, project: str) -> dict[str, Any] | None:
+    def _break(self, project: str, by: str | None = None) -> dict[str, Any] | None:
         for _ in range(_RACE_RETRIES):
             view = self._observe(self._read(project))
             if view.writer is None or view.state is LeaseState.FREE:
@@ -998,9 +1036,83 @@ class EtcdLeases:
                 "unflushed": int(record.get("unflushed", 0)),
                 "dirty": view.holds_data,
             }
-            if self._retire(view, "broken"):
+            if self._retire(view, "broken", by):
                 return stranded
         raise BrokerUnavailable("etcd kept changing under a break; retry", address=self.address)
+
+    # ------------------------------------------------------------- history
+
+    def _history_prefix(self, project: str) -> str:
+        return f"{self.root}h/{urllib.parse.quote(project, safe='')}/"
+
+    def _event(
+        self, view: _View, kind: str, at: float, record: dict[str, Any], **fields: Any
+    ) -> dict[str, Any]:
+        """The put of one history event about the writer ``record``, for a transaction."""
+        holder = record["holder"]
+        token = fields.pop("token", view.token)
+        event = history.event(
+            kind,
+            view.project,
+            at,
+            **history.holder_fields(str(holder["host"]), str(holder["user"]), token, record.get("work")),
+            **fields,
+        )
+        return _put(self._history_prefix(view.project) + uuid.uuid4().hex, event)
+
+    def _report(self, request: requests.Report) -> None:
+        view = self._read(request.project)
+        work = (
+            view.writer.value.get("work") if view.writer is not None and view.token == request.token else None
+        )
+        holder = request.holder
+        event = history.event(
+            request.event,
+            request.project,
+            time.time(),
+            **history.holder_fields(holder.host, holder.user, request.token, work),
+            bytes=request.bytes,
+            records=request.records,
+            seconds=request.seconds,
+            detail=request.detail,
+        )
+        self.transport.txn([], [_put(self._history_prefix(request.project) + uuid.uuid4().hex, event)])
+        self._maybe_trim(request.project)
+
+    def _history(self, project: str | None, since: float, limit: int) -> list[dict[str, Any]]:
+        # A lapse due by now is an event too.
+        for view in [self._read(project)] if project is not None else self._read_all():
+            self._observe(view)
+        prefix = self._history_prefix(project) if project is not None else self.root + "h/"
+        kvs, _ = self.transport.range_prefix(prefix)
+        kvs.sort(key=lambda kv: int(kv.get("create_revision", 0)))
+        events = []
+        for kv in kvs:
+            try:
+                event = json.loads(_unb64(kv.get("value", "")))
+            except ValueError:
+                continue  # a damaged event is history lost, not a reason to refuse the rest
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") == "granted" and event.get("token") is None:
+                # Written in the granting transaction, whose revision is the token's base.
+                event["token"] = int(kv.get("create_revision", 0)) + int(event.pop("offset", 0))
+            events.append(event)
+        return history.select(events, since, limit)
+
+    def _maybe_trim(self, project: str) -> None:
+        """Now and then, drop a project's oldest events beyond history.KEEP_PER_PROJECT: counting
+        on every write would double the cost of each grant and flush report."""
+        if random.random() >= 1 / 32:
+            return
+        prefix = self._history_prefix(project)
+        reply = self.transport.post(
+            "/kv/range",
+            {"key": _b64(prefix), "range_end": _range_end(prefix), "keys_only": True},
+        )
+        kvs = sorted(reply.get("kvs", []), key=lambda kv: int(kv.get("create_revision", 0)))
+        for kv in kvs[: max(0, len(kvs) - history.KEEP_PER_PROJECT)]:
+            self.transport.post("/kv/deleterange", {"key": kv["key"]})
 
     # -------------------------------------------------------- hello, status
 

@@ -14,6 +14,7 @@ never absolute monotonic readings, because two processes do not share a monotoni
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from enum import StrEnum
@@ -51,6 +52,15 @@ class Op(StrEnum):
     # The holder says where it serves the project to worker nodes (or that it stopped): kept
     # with its writer lease, shown by status, read by workers (`dbguard serve`).
     SERVE = "serve"
+    # An agent tells the lease service what happened on its host (a flush, a fence refusal, a
+    # deployment), for the project's history; and anyone reads that history back.
+    REPORT = "report"
+    HISTORY = "history"
+
+
+# What agents may report for a project's history (`Op.REPORT`); the lease service records the
+# other events itself (dbguard.lease.history).
+REPORTED_EVENTS: Final = frozenset({"flushed", "fence-refused", "deployed", "synced", "undeployed"})
 
 
 class AgentOp(StrEnum):
@@ -76,6 +86,9 @@ class AgentOp(StrEnum):
     # The project was deployed to (or taken back from) a folder of this host (`dbguard deploy`).
     DEPLOYED = "deployed"
     UNDEPLOYED = "undeployed"
+    # A user process tells the agent what happened to a held project (a flush it ran, a flush
+    # the fencing token refused), for the agent to report to the lease service's history.
+    REPORT = "report"
 
 
 class ErrorKind(StrEnum):
@@ -128,6 +141,8 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
         "command": (str, False),
         "pid": (int, False),
         "job": (str, False),
+        # Where the project is, for people: the lease service keys projects by id.
+        "path": (str, False),
     },
     Op.RENEW: {"holder": _HOLDER, "leases": (list, True)},
     Op.RELEASE: {"project": _PROJECT, "holder": _HOLDER, "token": (int, False), "mode": (str, False)},
@@ -142,6 +157,18 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
         "address": (str, False),
         "key": (str, False),
     },
+    Op.REPORT: {
+        "project": _PROJECT,
+        "holder": _HOLDER,
+        "token": (int, True),
+        "event": (str, True),
+        "bytes": (int, False),
+        "records": (int, False),
+        "seconds": ((int, float), False),
+        "detail": (str, False),
+    },
+    # Newest last; ``since`` in wall-clock seconds; at most ``limit`` events, the newest ones.
+    Op.HISTORY: {"project": (str, False), "since": ((int, float), False), "limit": (int, False)},
     Op.MARK: {
         "project": _PROJECT,
         "holder": _HOLDER,
@@ -228,7 +255,12 @@ def decode_request(frame: bytes) -> dict[str, Any]:
             raise ProtocolError(f"a project name must be at most {_MAX_PROJECT_BYTES} bytes of UTF-8")
     if message.get("mode", "write") not in ("write", "read"):
         raise ProtocolError("'mode' must be 'write' or 'read'")
-    for name in ("floor", "unflushed", "token", "pid"):
+    if op == Op.REPORT and message["event"] not in REPORTED_EVENTS:
+        raise ProtocolError(f"'event' must be one of {', '.join(sorted(REPORTED_EVENTS))}")
+    for name in ("seconds", "since"):
+        if name in message and not (math.isfinite(message[name]) and 0 <= message[name] < 1e12):
+            raise ProtocolError(f"'{name}' must be a finite number of seconds, not negative")
+    for name in ("floor", "unflushed", "token", "pid", "bytes", "records", "limit"):
         if name in message and not 0 <= message[name] <= _MAX_INT:
             raise ProtocolError(f"'{name}' must be from 0 to 2**63 - 1")
     return message

@@ -45,6 +45,7 @@ class Acquire:
     command: str | None = None  # what the writer runs, shown by status (`dbguard run`)
     pid: int | None = None
     job: str | None = None  # the batch job it belongs to (SLURM_JOB_ID and the like)
+    path: str | None = None  # where the project is, for people (the service keys by id)
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,45 @@ class Serve:
     key: str | None = None
 
 
+@dataclass(frozen=True)
+class Report:
+    """The holder's agent reports what happened to a project on its host (a flush, a fence
+    refusal, a deployment), for the project's history (dbguard.lease.history)."""
+
+    op: ClassVar[Op] = Op.REPORT
+    project: str
+    holder: Holder
+    token: int
+    event: str
+    bytes: int | None = None
+    records: int | None = None
+    seconds: float | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class History:
+    """What happened to one project (or to every one when ``project`` is None) since ``since``
+    (wall-clock seconds), oldest first: at most ``limit`` events, the newest ones."""
+
+    op: ClassVar[Op] = Op.HISTORY
+    project: str | None = None
+    since: float = 0.0
+    limit: int = 1000
+
+
 def work_of(request: Acquire) -> dict[str, Any] | None:
     """What the writer runs, as the lease service keeps it; None when the acquire did not say."""
-    if request.command is None and request.pid is None and request.job is None:
+    if request.command is None and request.pid is None and request.job is None and request.path is None:
         return None
-    return {"command": request.command, "pid": request.pid, "job": request.job}
+    return {"command": request.command, "pid": request.pid, "job": request.job, "path": request.path}
 
 
-Request = Hello | Acquire | Renew | Release | LeaveQueue | Status | Break | Mark | Serve
+Request = Hello | Acquire | Renew | Release | LeaveQueue | Status | Break | Mark | Serve | Report | History
 
 REQUEST_TYPES: dict[Op, type[Request]] = {
-    cls.op: cls for cls in (Hello, Acquire, Renew, Release, LeaveQueue, Status, Break, Mark, Serve)
+    cls.op: cls
+    for cls in (Hello, Acquire, Renew, Release, LeaveQueue, Status, Break, Mark, Serve, Report, History)
 }
 
 

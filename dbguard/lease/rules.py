@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from dbguard.lease import protocol
+from dbguard.lease import history, protocol
 
 
 class LeaseState(StrEnum):
@@ -131,6 +131,7 @@ def work_fields(work: dict[str, Any] | None, serving: dict[str, Any] | None = No
         "command": work.get("command"),
         "pid": work.get("pid"),
         "job": work.get("job"),
+        "path": work.get("path"),
         "serve": serving.get("address"),
         "serve_key": serving.get("key"),
     }
@@ -222,6 +223,8 @@ class LeaseTable:
         # (a grant must be on disk before it is answered; other changes may ride along later).
         self.changed: set[str] = set()
         self.must_sync = False
+        # History events since the last `take_events`, oldest first (dbguard.lease.history).
+        self.events: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- restart
 
@@ -298,7 +301,7 @@ class LeaseTable:
             if work is not None and writer.work != work:
                 writer.work = work
                 self._mark(entry)
-            return self._resume(entry, writer, holder, now, unflushed, dirty=dirty)
+            return self._resume(entry, writer, holder, now, wall, unflushed, dirty=dirty)
         if entry.state is LeaseState.FREE and not self.in_grace(now) and self._may_take(entry, holder):
             return self._grant(entry, holder, now, wall, floor, unflushed, dirty, work)
         if (
@@ -307,6 +310,8 @@ class LeaseTable:
             and writer is not None
             and writer.takeover_by in (None, holder.key)
         ):
+            if writer.takeover_by is None:
+                self._log(entry, "takeover-asked", wall, writer, by=f"{holder.user}@{holder.host}")
             writer.takeover_by = holder.key
             self._enqueue(entry, holder, now, front=True)
             return self._queued(entry, holder, now)
@@ -336,7 +341,7 @@ class LeaseTable:
                 and writer.token == token
                 and entry.state is not LeaseState.FREE
             ):
-                self._resume(entry, writer, holder, now, unflushed)
+                self._resume(entry, writer, holder, now, wall, unflushed)
                 results.append(
                     {
                         "project": project,
@@ -374,6 +379,7 @@ class LeaseTable:
         entry.writer = None
         entry.state = LeaseState.FREE
         self._mark(entry)
+        self._log(entry, "released", wall, writer)
         return Decision("released", {"held": True, "token": writer.token})
 
     def leave_queue(self, project: str, holder: Holder, now: float, wall: float) -> Decision:
@@ -386,7 +392,7 @@ class LeaseTable:
         self._forget_if_empty(entry)
         return Decision("ok", {})
 
-    def break_lease(self, project: str, now: float, wall: float) -> Decision:
+    def break_lease(self, project: str, now: float, wall: float, *, by: str | None = None) -> Decision:
         """An operator frees the project whatever its state; reports what may be stranded."""
         entry = self._touch(project, now, wall, create=False)
         writer = entry.writer if entry is not None else None
@@ -404,6 +410,7 @@ class LeaseTable:
         entry.writer = None
         entry.state = LeaseState.FREE
         self._mark(entry)
+        self._log(entry, "broken", wall, writer, by=by, unflushed=writer.unflushed or None)
         return Decision("ok", {"broken": stranded})
 
     def status(self, project: str, now: float, wall: float) -> dict[str, Any]:
@@ -481,14 +488,18 @@ class LeaseTable:
             if writer.holds_data:
                 entry.state = LeaseState.ORPHANED
                 entry.loss = Loss(writer.holder.key, writer.token, "orphaned", lapsed_wall, writer.unflushed)
+                self._log(entry, "orphaned", lapsed_wall, writer, unflushed=writer.unflushed or None)
             else:
                 entry.state = LeaseState.LOCK_DELAY
                 entry.free_at = writer.expires + self.timing.lock_delay
                 entry.loss = Loss(writer.holder.key, writer.token, "expired", lapsed_wall, 0)
+                self._log(entry, "expired", lapsed_wall, writer)
             writer.takeover_by = None
             self._mark(entry)
         if entry.state is LeaseState.LOCK_DELAY and entry.free_at <= now:
             entry.state = LeaseState.FREE
+            if entry.writer is not None:
+                self._log(entry, "lock-delay-ended", wall - (now - entry.free_at), entry.writer)
             entry.writer = None
             self._mark(entry)
         if entry.readers:
@@ -517,8 +528,10 @@ class LeaseTable:
         entry.last_token = token
         entry.writer = WriterLease(holder, token, wall, now + self.timing.ttl, unflushed, dirty, work=work)
         entry.state = LeaseState.HELD
+        took_over = any(w.takeover and w.holder.key == holder.key for w in entry.queue)
         self._dequeue(entry, holder.key)
         self._mark(entry, sync=True)
+        self._log(entry, "granted", wall, entry.writer, takeover=took_over or None)
         return Decision("granted", self._lease_fields(entry, entry.writer, now))
 
     def _resume(
@@ -527,6 +540,7 @@ class LeaseTable:
         writer: WriterLease,
         holder: Holder,
         now: float,
+        wall: float,
         unflushed: int,
         *,
         dirty: bool = False,
@@ -534,6 +548,7 @@ class LeaseTable:
         was_dirty = writer.holds_data
         writer.dirty = writer.dirty or dirty
         if entry.state is not LeaseState.HELD:
+            self._log(entry, "resumed", wall, writer)
             entry.state = LeaseState.HELD
             entry.loss = None
             self._mark(entry, sync=True)
@@ -574,7 +589,7 @@ class LeaseTable:
             return Decision("lost", self._loss_for(entry, holder, token))
         # A mark is a sign of life too: like a heartbeat, it resumes a lease that lapsed while
         # nobody else was granted.
-        self._resume(entry, writer, holder, now, writer.unflushed)
+        self._resume(entry, writer, holder, now, wall, writer.unflushed)
         was_dirty = writer.holds_data
         writer.dirty = dirty
         if not dirty:
@@ -608,12 +623,46 @@ class LeaseTable:
             or entry.state is LeaseState.FREE
         ):
             return Decision("lost", self._loss_for(entry, holder, token))
-        self._resume(entry, writer, holder, now, writer.unflushed)
+        self._resume(entry, writer, holder, now, wall, writer.unflushed)
         serving = {"address": address, "key": key} if address else None
         if writer.serving != serving:
             writer.serving = serving
             self._mark(entry)
         return Decision("ok", {"serve": address, "serve_key": key if address else None})
+
+    def report(
+        self, project: str, holder: Holder, token: int, kind: str, now: float, wall: float, **fields: Any
+    ) -> Decision:
+        """A holder's agent reports what happened on its host (a flush, a fence refusal, a
+        deployment): recorded as it is, whoever holds the lease now, since a fenced host is
+        exactly the one that has something to report."""
+        entry = self._touch(project, now, wall, create=False)
+        work = entry.writer.work if entry is not None and entry.writer is not None else None
+        if entry is not None and entry.writer is not None and entry.writer.token != token:
+            work = None
+        self.events.append(
+            history.event(
+                kind, project, wall, **history.holder_fields(holder.host, holder.user, token, work), **fields
+            )
+        )
+        return Decision("ok", {})
+
+    def _log(self, entry: ProjectLeases, kind: str, at: float, writer: WriterLease, **fields: Any) -> None:
+        holder = writer.holder
+        self.events.append(
+            history.event(
+                kind,
+                entry.project,
+                at,
+                **history.holder_fields(holder.host, holder.user, writer.token, writer.work),
+                **fields,
+            )
+        )
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The history events recorded since the last call, oldest first."""
+        events, self.events = self.events, []
+        return events
 
     def _lease_fields(self, entry: ProjectLeases, writer: WriterLease, now: float) -> dict[str, Any]:
         return {

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import json
 import os
+import struct
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -19,6 +20,7 @@ import lmdb
 
 from dbguard.cache.lmdb_file import missing_pages
 from dbguard.errors import GuardError, IntegrityError
+from dbguard.lease import history
 from dbguard.lease.rules import worth_keeping
 
 # LMDB errors that mean the environment on disk is damaged or not an LMDB file at all.
@@ -33,8 +35,16 @@ class LeaseStore(ABC):
         """Every stored project record."""
 
     @abstractmethod
-    def save(self, records: list[dict[str, Any]], *, sync: bool) -> None:
-        """Store these records in one atomic commit; with ``sync``, on disk before returning."""
+    def save(
+        self, records: list[dict[str, Any]], *, sync: bool, events: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Store these records, and append these history events, in one atomic commit; with
+        ``sync``, on disk before returning."""
+
+    @abstractmethod
+    def history(self, project: str | None, since: float, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` events of a project (of every project if None) at or after
+        ``since``, oldest first."""
 
     @property
     @abstractmethod
@@ -69,7 +79,12 @@ class LmdbLeaseStore(LeaseStore):
             )
             self._projects = self._env.open_db(b"projects")
             self._meta = self._env.open_db(b"meta")
+            # Events keyed by project then sequence number, so a project's are one range and the
+            # oldest go first when it has more than history.KEEP_PER_PROJECT.
+            self._history = self._env.open_db(b"history")
             self._identity = self._ensure_identity()
+            self._history_seq = self._last_history_seq()
+            self._history_counts: dict[str, int] = {}
         except _DAMAGE as exc:
             os.close(self._lock_fd)
             raise IntegrityError(
@@ -116,6 +131,66 @@ class LmdbLeaseStore(LeaseStore):
     def identity(self) -> str:
         return self._identity
 
+    def _last_history_seq(self) -> int:
+        with self._env.begin(db=self._meta) as txn:
+            value = txn.get(b"history_seq")
+        return int(bytes(value)) if value is not None and bytes(value).isdigit() else 0
+
+    @staticmethod
+    def _history_prefix(project: str) -> bytes:
+        # Length first: no project name is a prefix of another's range.
+        name = project.encode()
+        return struct.pack(">H", len(name)) + name
+
+    def _append_history(self, txn: Any, events: list[dict[str, Any]]) -> None:
+        history_db = self._history
+        for record in events:
+            self._history_seq += 1
+            prefix = self._history_prefix(str(record["project"]))
+            key = prefix + struct.pack(">Q", self._history_seq)
+            txn.put(key, json.dumps(record, separators=(",", ":")).encode(), db=history_db)
+            count = self._history_counts.get(record["project"])
+            if count is None:
+                count = sum(1 for _ in self._range(txn, prefix))
+            else:
+                count += 1
+            if count > history.KEEP_PER_PROJECT:
+                for old_key, _ in list(self._range(txn, prefix))[: count - history.KEEP_PER_PROJECT]:
+                    txn.delete(old_key, db=history_db)
+                count = history.KEEP_PER_PROJECT
+            self._history_counts[record["project"]] = count
+        txn.put(b"history_seq", str(self._history_seq).encode(), db=self._meta)
+
+    def _range(self, txn: Any, prefix: bytes) -> Any:
+        cursor = txn.cursor(db=self._history)
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if not bytes(key).startswith(prefix):
+                return
+            yield bytes(key), value
+
+    def history(self, project: str | None, since: float, limit: int) -> list[dict[str, Any]]:
+        found: list[tuple[int, dict[str, Any]]] = []
+        try:
+            with self._env.begin(db=self._history) as txn:
+                items = (
+                    self._range(txn, self._history_prefix(project)) if project is not None else txn.cursor()
+                )
+                for key, value in items:
+                    try:
+                        record = json.loads(bytes(value))
+                    except ValueError:
+                        continue  # a damaged event is history lost, not a reason to refuse the rest
+                    if isinstance(record, dict):
+                        found.append((struct.unpack(">Q", bytes(key)[-8:])[0], record))
+        except _DAMAGE as exc:
+            raise IntegrityError(
+                f"the broker state in {self.path} is damaged ({exc})", path=str(self.path)
+            ) from exc
+        found.sort(key=lambda item: item[0])
+        return history.select((record for _, record in found), since, limit)
+
     def load(self) -> list[dict[str, Any]]:
         records = []
         try:
@@ -135,9 +210,13 @@ class LmdbLeaseStore(LeaseStore):
             ) from exc
         return records
 
-    def save(self, records: list[dict[str, Any]], *, sync: bool) -> None:
-        if records:
+    def save(
+        self, records: list[dict[str, Any]], *, sync: bool, events: list[dict[str, Any]] | None = None
+    ) -> None:
+        if records or events:
             with self._env.begin(write=True, db=self._projects) as txn:
+                if events:
+                    self._append_history(txn, events)
                 for record in records:
                     key = record["project"].encode()
                     if worth_keeping(record):
