@@ -1050,7 +1050,7 @@ class EtcdLeases:
     ) -> dict[str, Any]:
         """The put of one history event about the writer ``record``, for a transaction."""
         holder = record["holder"]
-        token = fields.pop("token", view.token)
+        token = fields.pop("token") if "token" in fields else view.token
         event = history.event(
             kind,
             view.project,

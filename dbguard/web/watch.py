@@ -138,11 +138,8 @@ class SiteWatcher(threading.Thread):
             row = next((r for r in self._snapshot["projects"] if r["project"] == project), None)
             if row is None:
                 return None
-            return {
-                **row,
-                "history": list(self._events.get(project, [])),
-                "generated": self._snapshot["generated"],
-            }
+            shared = {name: self._snapshot.get(name) for name in ("generated", "service", "error")}
+            return {**row, "history": list(self._events.get(project, [])), **shared}
 
     def wait_for_first(self, timeout: float) -> bool:
         return self._updated.wait(timeout)
