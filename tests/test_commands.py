@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -116,13 +117,17 @@ def test_up_starts_a_cluster_of_one_and_down_stops_it(env: dict[str, str], tmp_p
         assert up.returncode == 0, up.stderr
         info = json.loads(up.stdout)
         assert info["started"] is True and info["broker"] == env["DBGUARD_BROKER"]
+        # The status page, on loopback: it answers, and needs no token there.
+        assert info["page"].startswith("http://127.0.0.1:") and "token" not in info["page"]
+        with urllib.request.urlopen(info["page"] + "api/site", timeout=10) as page:
+            assert page.status == 200
         assert json.loads(dbguard("up", "--json", env=env).stdout)["started"] is False  # idempotent
         assert dbguard("acquire", str(project), env=env).returncode == 0
         assert dbguard("release", str(project), env=env).returncode == 0
     finally:
         down = dbguard("down", "--json", env=env)
     assert down.returncode == 0, down.stderr
-    assert set(json.loads(down.stdout)["stopped"]) == {"agent", "broker"}
+    assert set(json.loads(down.stdout)["stopped"]) == {"agent", "page", "broker"}
     assert dbguard("status", str(project), env=env).returncode == 4
 
 

@@ -55,6 +55,12 @@ def script(project: str) -> list[Step]:
         (lambda _: requests.Acquire(project, BOB, takeover=True, dirty=True), "granted"),
         (lambda _: requests.Break(project, force=False), "usage"),
         (lambda _: requests.Break(project, force=True, operator="admin"), "ok"),
+        (
+            lambda token: requests.Report(project, BOB, token, "flushed", bytes=10, records=1, seconds=0.5),
+            "ok",
+        ),
+        (lambda _: requests.History(project, since=0.0, limit=5), "ok"),
+        (lambda _: requests.History(), "ok"),
     ]
 
 
@@ -126,7 +132,7 @@ def broker_dispatch(tmp_path: Path) -> Iterator[Callable[[requests.Request], dic
 
     def dispatch(request: requests.Request) -> dict[str, Any]:
         frame = requests.encode(request, f"broker-{next(sent)}")
-        return protocol.decode(broker._answer(frame), limit=None)
+        return protocol.decode(broker._answer(frame)[0], limit=None)
 
     yield dispatch
     broker.stop()

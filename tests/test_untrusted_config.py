@@ -620,7 +620,7 @@ def test_up_works_from_a_directory_that_holds_a_python_module_named_like_a_depen
         assert acquired.returncode == 0 and "acquired" in acquired.stdout, acquired.stderr
     finally:
         down = run("down")
-    assert down.returncode == 0 and "agent, broker" in down.stdout, down.stdout + down.stderr
+    assert down.returncode == 0 and "agent, page, broker" in down.stdout, down.stdout + down.stderr
 
 
 def test_down_never_signals_a_process_a_stale_or_damaged_pid_file_names(
