@@ -70,13 +70,16 @@ def holder_fields(
 
 def select(events: Iterable[dict[str, Any]], since: float, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` events at or after ``since``, oldest first, from events oldest first."""
-    chosen = [e for e in events if float(e.get("at", 0.0)) >= since]
+    chosen = [e for e in events if isinstance(e.get("at"), int | float) and e["at"] >= since]
     return chosen[-limit:] if limit > 0 else []
 
 
 def describe(record: dict[str, Any]) -> str:
     """One line for a person: when, what, who, and the figures that go with it."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("at", 0.0))))
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("at", 0.0))))
+    except (TypeError, ValueError, OverflowError, OSError):  # a damaged event still gets a line
+        when = "????-??-?? ??:??:??"
     who = ""
     if record.get("host"):
         who = f" {record.get('user', '?')}@{record['host']}"
@@ -95,7 +98,7 @@ def describe(record: dict[str, Any]) -> str:
         parts.append(f"{record['records']} records")
     if record.get("bytes") is not None:
         parts.append(f"{record['bytes']} bytes")
-    if record.get("seconds") is not None:
+    if isinstance(record.get("seconds"), int | float):
         parts.append(f"{float(record['seconds']):.2f}s")
     if record.get("detail"):
         parts.append(str(record["detail"]))

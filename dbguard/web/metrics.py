@@ -62,8 +62,10 @@ class SiteMetrics:
             elif kind == "fence-refused":
                 self.fence_refusals.inc()
             elif kind == "flushed":
-                self.flush_bytes.observe(float(event.get("bytes") or 0))
-                self.flush_seconds.observe(float(event.get("seconds") or 0.0))
+                size, seconds = event.get("bytes"), event.get("seconds")
+                if isinstance(size, int | float) and isinstance(seconds, int | float):  # untrusted
+                    self.flush_bytes.observe(float(size))
+                    self.flush_seconds.observe(float(seconds))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
