@@ -1,15 +1,19 @@
 """A read-only view of one generation of a project store, served from verified local copies.
 
-Segments are immutable and uniquely named, so a copy in the node-local cache never goes stale.
-Each is copied once, checked record by record against the checksums in its index, and only
-then renamed into place; reads are zero-copy numpy views of a memory map of that local copy.
-What a reader gets therefore always matches its checksum (invariant 4), and reading it again
-costs no trip to the shared filesystem.
+Reading costs what is read. Segments are immutable and uniquely named, so the node-local copy
+of one never goes stale, and it is kept sparse: a file of the segment's size in which only the
+records read so far (and those read ahead of a sequential scan) are filled in, each at its own
+offset. A record is fetched from the share with one positioned read, checked against the
+checksum in its index in memory, and only a record that matches is written to the local copy;
+reads are zero-copy numpy views of a memory map of that copy. A head node that looks at record
+12 of a 40 GiB stack fetches record 12 and the segment's index, nothing else.
 
-The local copies are checked again when they are read: each record once per view, the first
-time it is read, and each index against the checksum its manifest gives for it. A copy that
-no longer matches (a damaged disk, a stray edit of the cache) is copied from the share again.
-Every name from the share becomes a path in the cache only through `dbguard.names.child`.
+Every record is checked again the first time a view reads it from the local copy, and each
+index against the checksum its manifest gives for it, so what a reader gets always matches its
+checksum (invariant 4), whatever part of the segment was fetched and whatever happened to the
+local copy since; a record that does not match there is fetched again. Local copies are bounded
+(`DEFAULT_READ_CACHE`): past the bound, the least recently written are dropped. Every name from
+the share becomes a path in the cache only through `dbguard.names.child`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import json
 import math
 import mmap
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from numpy.typing import NDArray
 from zlib_ng.zlib_ng import crc32
 
 from dbguard.data.store import (
+    ALIGN,
     Entry,
     Manifest,
     ProjectStore,
@@ -44,19 +48,36 @@ from dbguard.names import OutsideRoot, child
 
 SEGMENT_CACHE = "segments"
 _INDEX_SUFFIX = ".idx"  # a segment's index as stored (format 1 kept it as .idx.json, unchecked)
+# How many bytes of local copies a host keeps for readers, across projects, before it drops the
+# least recently written ones.
+DEFAULT_READ_CACHE = 8 << 30
+# A sequential scan fetches ahead: the window doubles from the first record up to this.
+_READAHEAD_MAX = 32 << 20
+_READAHEAD_MIN = 1 << 20
+# How many bytes a view fetches between two looks at the size of all local copies.
+_TRIM_EVERY = 256 << 20
 
 
 class StoreView:
-    def __init__(self, store: ProjectStore, local_root: Path) -> None:
+    def __init__(
+        self, store: ProjectStore, local_root: Path, *, read_cache: int = DEFAULT_READ_CACHE
+    ) -> None:
         self.store = store
         self.cache_dir = local_root
         self.local_dir = _inside(local_root / SEGMENT_CACHE, store.project_id, "")
+        self.read_cache = read_cache
         self.manifest: Manifest = store.latest()
         self._entries: dict[tuple[str, int], Entry] | None = None
         self._maps: dict[str, mmap.mmap] = {}
         # Records of the local copies whose checksum this view has matched: (segment, offset,
         # length, crc). Read again, they cost nothing more.
         self._verified: set[tuple[str, int, int, int]] = set()
+        # Per segment: its live records in file order, and where the last fetch ended (a fetch
+        # that starts there is a sequential scan, and reads ahead) with its window.
+        self._layout: dict[str, list[Entry]] = {}
+        self._next_fetch: dict[str, tuple[int, int]] = {}
+        self.fetched = 0  # bytes this view read from the share (records and read-ahead)
+        self._fetched_since_trim = 0
 
     def refresh(self) -> bool:
         """Move to the newest generation; True if there was a newer one."""
@@ -137,83 +158,139 @@ class StoreView:
 
     def _checked_map(self, entry: Entry) -> mmap.mmap:
         """The map of the local copy that holds ``entry``, its bytes matched with the entry's
-        checksum (once per view); a copy that does not match is made again from the share."""
+        checksum (once per view); a record the copy lacks, or holds damaged, is fetched."""
         key = (entry.segment, entry.offset, entry.length, entry.crc)
-        mapped = self._map(entry.segment)
-        if key in self._verified:
+        mapped = self._maps.get(entry.segment)
+        if mapped is not None and key in self._verified:
             return mapped
-        if not _matches(mapped, entry):
-            self._forget(entry.segment)
-            mapped = self._map(entry.segment)  # a fresh copy, checked as it is made
-            if not _matches(mapped, entry):
-                source = self.store.segment_path(entry.segment)
-                raise IntegrityError(
-                    f"record {entry.index} of {entry.db!r} in segment {source} does not match its "
-                    "checksum; run `dbguard verify` on the project",
-                    path=str(source),
-                )
+        if mapped is None:
+            mapped = self._existing_map(entry.segment)
+        if mapped is None or not _matches(mapped, entry):
+            mapped = self._fetch(entry)
         self._verified.add(key)
         return mapped
 
-    def _forget(self, name: str) -> None:
-        """Drop this view's map of a local copy and the copy itself (arrays handed out from the
-        map keep it alive until they go)."""
-        self._maps.pop(name, None)
-        self._verified = {key for key in self._verified if key[0] != name}
-        with contextlib.suppress(FileNotFoundError):
-            _inside(self.local_dir, name, ".seg").unlink()
-
-    def _map(self, name: str) -> mmap.mmap:
-        mapped = self._maps.get(name)
-        if mapped is None:
-            path = self._local_copy(name)
-            with open(path, "rb") as handle:
-                try:
-                    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-                except ValueError:  # empty: a local copy cut short; records are checked on reading
-                    mapped = mmap.mmap(-1, 1)
-            self._maps[name] = mapped
+    def _existing_map(self, name: str) -> mmap.mmap | None:
+        """A map of the local copy another view (or process) left, if there is one."""
+        local = _inside(self.local_dir, name, ".seg")
+        try:
+            with cache_access(self.cache_dir), open(local, "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (FileNotFoundError, ValueError):  # none, or an empty one
+            return None
+        self._maps[name] = mapped
         return mapped
 
-    def _local_copy(self, name: str) -> Path:
-        local = _inside(self.local_dir, name, ".seg")
-        if local.exists():
-            return local
+    def _fetch(self, entry: Entry) -> mmap.mmap:
+        """Read ``entry`` (and, for a sequential scan, the records after it) from the share with
+        one positioned read, check each against its checksum in memory, and write those that
+        match into the local copy; IntegrityError if ``entry`` itself does not match."""
+        name = entry.segment
         source = self.store.segment_path(name)
-        temp = _inside(self.local_dir, f"{name}.{uuid.uuid4().hex[:8]}", ".part")
-        try:
-            # The share's refusals (permissions) name the segment; a full disk, the cache.
-            with share_access(source, "then run the command again"), cache_access(self.cache_dir):
-                self.local_dir.mkdir(parents=True, exist_ok=True)
-                try:
-                    shutil.copyfile(source, temp)
-                except FileNotFoundError as exc:
-                    if exc.filename != str(source):
-                        raise
-                    raise missing_segment(source) from exc
-            # Check the copy, not the source: what is read later is the copy. Records that a later
-            # segment replaces are never read from it, and may be damaged: that is how `clear`
-            # mends a damaged record, by flushing a good copy of it again.
-            live = self.entries()
-            copied = self.store.read_index(name, temp)  # its trailer first: an empty copy has none
-            checked = []
-            with open(temp, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                for entry in copied:
-                    if live.get((entry.db, entry.index)) != entry:
-                        continue
-                    if not _matches(data, entry):
-                        raise IntegrityError(
-                            f"record {entry.index} of {entry.db!r} in segment {source} "
-                            "does not match its checksum; run `dbguard verify` on the project",
-                            path=str(source),
-                        )
-                    checked.append((name, entry.offset, entry.length, entry.crc))
-            os.replace(temp, local)
-            self._verified.update(checked)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
-        return local
+        layout = self._records_of(name)
+        start = entry.offset
+        expected_start, window = self._next_fetch.get(name, (-1, _READAHEAD_MIN))
+        # Sequential: the record right after the last fetch (records are padded to ALIGN bytes).
+        sequential = expected_start <= start < expected_start + ALIGN
+        window = min(window * 2, _READAHEAD_MAX) if sequential else 0
+        wanted = [entry]
+        if window:
+            position = next((i for i, e in enumerate(layout) if e.offset == start), None)
+            if position is not None:
+                end_limit = start + window
+                wanted = [e for e in layout[position:] if e.offset + e.length <= end_limit] or [entry]
+        end = max(e.offset + e.length for e in wanted)
+        with share_access(source, "then run the command again"):
+            try:
+                with open(source, "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    data = os.pread(handle.fileno(), end - start, start)
+            except FileNotFoundError as exc:
+                raise missing_segment(source) from exc
+        self.fetched += len(data)
+        self._fetched_since_trim += len(data)
+        good = []
+        with memoryview(data) as whole:
+            for record in wanted:
+                at = record.offset - start
+                if at + record.length <= len(data):
+                    with whole[at : at + record.length] as payload:
+                        if record_crc(payload, record.attrs) == record.crc:
+                            good.append(record)
+        if entry not in good:
+            raise IntegrityError(
+                f"record {entry.index} of {entry.db!r} in segment {source} does not match its "
+                "checksum; run `dbguard verify` on the project",
+                path=str(source),
+            )
+        self._next_fetch[name] = (end, max(window, _READAHEAD_MIN))
+        mapped = self._write_local(name, size, start, data, good)
+        if self._fetched_since_trim >= _TRIM_EVERY:
+            self._fetched_since_trim = 0
+            self._trim()
+        return mapped
+
+    def _records_of(self, name: str) -> list[Entry]:
+        """The live records of a segment in file order (what read-ahead may fetch)."""
+        layout = self._layout.get(name)
+        if layout is None:
+            layout = sorted((e for e in self.entries().values() if e.segment == name), key=lambda e: e.offset)
+            self._layout[name] = layout
+        return layout
+
+    def _write_local(self, name: str, size: int, start: int, data: bytes, good: list[Entry]) -> mmap.mmap:
+        """Write the checked records into the local copy (made, sparse, at the segment's size if
+        it is missing or of another size) and return this view's map of it."""
+        local = _inside(self.local_dir, name, ".seg")
+        with cache_access(self.cache_dir):
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            mapped = self._maps.get(name)
+            if mapped is not None and len(mapped) != size:
+                self._maps.pop(name, None)  # arrays handed out keep the old map alive
+                mapped = None
+            descriptor = os.open(local, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(descriptor).st_size != size:
+                    # Another size: not a copy of this segment (cut short, or damaged). Start over
+                    # in a fresh file, so that maps of the old one stay what they were.
+                    os.close(descriptor)
+                    temp = _inside(self.local_dir, f"{name}.{uuid.uuid4().hex[:8]}", ".part")
+                    descriptor = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    os.ftruncate(descriptor, size)
+                    os.replace(temp, local)
+                    mapped = None
+                    self._verified = {key for key in self._verified if key[0] != name}
+                with memoryview(data) as whole:
+                    for record in good:
+                        at = record.offset - start
+                        os.pwrite(descriptor, whole[at : at + record.length], record.offset)
+                if mapped is None:
+                    mapped = mmap.mmap(descriptor, 0, access=mmap.ACCESS_READ) if size else mmap.mmap(-1, 1)
+                    self._maps[name] = mapped
+            finally:
+                os.close(descriptor)
+        return mapped
+
+    def _trim(self) -> None:
+        """Keep every project's local copies together under ``read_cache`` bytes on disk: drop
+        the least recently written first, never one this view has mapped."""
+        root = self.cache_dir / SEGMENT_CACHE
+        copies = []
+        with contextlib.suppress(OSError):
+            for path in root.glob("*/*.seg"):
+                with contextlib.suppress(OSError):
+                    info = path.stat()
+                    copies.append((info.st_mtime, info.st_blocks * 512, path))
+        total = sum(used for _, used, _ in copies)
+        mine = {_inside(self.local_dir, name, ".seg") for name in self._maps}
+        for _, used, path in sorted(copies):
+            if total <= self.read_cache:
+                return
+            if path in mine:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                total -= used
 
     def close(self) -> None:
         for mapped in self._maps.values():
