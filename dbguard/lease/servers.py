@@ -120,7 +120,7 @@ def stop(settings: Settings) -> list[str]:
     pid_file = settings.state / "broker.pid"
     if pid_file.exists():
         pid = _broker_pid(pid_file, settings.state)
-        if pid and _terminate(pid):
+        if pid and terminate(pid):
             stopped.append("broker")
         pid_file.unlink(missing_ok=True)
     return stopped
@@ -143,7 +143,8 @@ def _broker_pid(pid_file: Path, state: Path) -> int | None:
     return int(process.pid) if "broker" in argv and str(state) in argv else None
 
 
-def _terminate(pid: int, timeout: float = 10.0) -> bool:
+def terminate(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM, then wait up to ``timeout`` for it to end; False if it was not running."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

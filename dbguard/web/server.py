@@ -160,18 +160,9 @@ def stop(settings: Settings) -> bool:
     (settings.state / URL_FILE).unlink(missing_ok=True)
     if pid is None:
         return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return True
+    from dbguard.lease.servers import terminate
+
+    return terminate(pid)
 
 
 def _page_pid(settings: Settings) -> int | None:
